@@ -1,0 +1,14 @@
+"""Test set-up shared by tests/ and the doctests in jlora/: fake CPU devices and strict numerics."""
+
+import os
+
+# Must precede the first jax import: 8 fake CPU devices so sharding runs in every test session.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -1,0 +1,41 @@
+"""jlora: LoRA (low-rank adaptation, Hu et al. 2022) for JAX and Flax.
+
+The base parameter pytree stays frozen; :func:`init` creates a separate pytree of trainable factors
+for the weights a :class:`LoraConfig` targets, and :func:`merge` folds them back in.
+"""
+
+from . import ops as ops
+from ._config import LoraConfig as LoraConfig
+from ._count import ParamCount as ParamCount
+from ._count import count_params as count_params
+from ._errors import AdapterMismatchError as AdapterMismatchError
+from ._errors import ConfigError as ConfigError
+from ._errors import MissingRngError as MissingRngError
+from ._errors import NotAnArrayError as NotAnArrayError
+from ._errors import TargetError as TargetError
+from ._factors import LoraFactors as LoraFactors
+from ._factors import init as init
+from ._layout import Layout as Layout
+from ._merge import delta as delta
+from ._merge import merge as merge
+from ._merge import unmerge as unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterMismatchError",
+    "ConfigError",
+    "Layout",
+    "LoraConfig",
+    "LoraFactors",
+    "MissingRngError",
+    "NotAnArrayError",
+    "ParamCount",
+    "TargetError",
+    "count_params",
+    "delta",
+    "init",
+    "merge",
+    "ops",
+    "unmerge",
+]

@@ -1,0 +1,121 @@
+"""The adapter pytree: `LoraFactors` at each targeted weight, created by `init`.
+
+For a frozen weight ``W0`` of shape ``(*stack, *fan_in, *fan_out)`` the adapter holds
+
+    a: (*stack, *fan_in, r)      b: (*stack, r, *fan_out)      delta = scale * a @ b
+
+and the adapted layer computes ``h = x W0 + scale * (x a) b`` (Hu et al. 2022, with the kernels in
+Flax's ``(fan_in, fan_out)`` order, so the paper's ``B A x`` reads ``x a b`` here). Only ``a`` and
+``b`` are pytree leaves; ``scale`` and the layout are static metadata, so ``jax.grad`` and optax see
+the factors alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._config import LoraConfig
+from ._layout import Layout
+from ._paths import nest
+from ._targets import Target, select
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """One weight's adapter: factors ``a``, ``b`` (leaves) and a static ``scale`` and ``layout``.
+
+    Attributes:
+        a: ``(*stack, *fan_in, rank)``.
+        b: ``(*stack, rank, *fan_out)``.
+        scale: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA).
+        layout: the weight's fan-in/fan-out structure.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = LoraFactors(jnp.ones((3, 2)), jnp.zeros((2, 5)), scale=0.5, layout=Layout(1, 1))
+        >>> f.rank, jax.tree_util.tree_leaves(f)[0].shape
+        (2, (3, 2))
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata={"static": True})
+    layout: Layout = dataclasses.field(metadata={"static": True})
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank ``r`` (the last axis of ``a``)."""
+        return self.a.shape[-1]
+
+
+jax.tree_util.register_dataclass(
+    LoraFactors, data_fields=["a", "b"], meta_fields=["scale", "layout"]
+)
+
+
+def _path_key(key: jax.Array, path: str) -> jax.Array:
+    # One key per path, independent of which other paths are targeted.
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _init_factors(key: jax.Array, target: Target, config: LoraConfig) -> LoraFactors:
+    dtype = jnp.dtype(config.dtype)
+    layout = target.layout
+    a_shape, b_shape = layout.factor_shapes(target.shape, target.rank)
+    _, fan_in, _ = layout.split(target.shape)
+    if layout.embedding:
+        # A lookup reads few rows of `a`, so `a = 0` and `b` random keeps init the identity while
+        # every row still gets a gradient through `b`.
+        a = jnp.zeros(a_shape, dtype)
+        if config.init == "gaussian":
+            b = jax.random.normal(key, b_shape, dtype)
+        else:
+            bound = 1.0 / math.sqrt(target.rank)
+            b = jax.random.uniform(key, b_shape, dtype, -bound, bound)
+        return LoraFactors(a, b, target.scale, layout)
+    bound = 1.0 / math.sqrt(math.prod(fan_in))
+    if config.init == "gaussian":
+        a = bound * jax.random.normal(key, a_shape, dtype)
+    else:
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    return LoraFactors(a, jnp.zeros(b_shape, dtype), target.scale, layout)
+
+
+def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
+    """Creates adapters for the weights of ``params`` that ``config`` targets.
+
+    The result is a nested dict mirroring ``params`` but holding only the targeted paths, each a
+    :class:`LoraFactors`. ``b = 0`` (``a = 0`` for embedding tables), so the adapted model equals the
+    base at step 0. Only shapes and dtypes of ``params`` are read: abstract leaves
+    (``jax.eval_shape`` output) work too.
+
+    Args:
+        key: a PRNG key. Each path draws from ``fold_in(key, hash(path))``, so a weight's factors do
+            not depend on which other weights are targeted.
+        params: the frozen base parameter pytree.
+        config: which weights to adapt and how.
+
+    Returns:
+        The adapter pytree.
+
+    Raises:
+        TargetError: a target matches nothing, selects a weight of fewer than 2 axes or of an
+            ambiguous shape without a layout, or asks for a rank above ``min(fan_in, fan_out)``.
+        NotAnArrayError: a targeted leaf is not an array.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {"dense": {"kernel": jnp.ones((6, 4)), "bias": jnp.zeros(4)}}
+        >>> adapters = init(jax.random.key(0), params, LoraConfig(targets=".*kernel", rank=2))
+        >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
+        ((6, 2), (2, 4))
+    """
+    return nest(
+        {t.path: _init_factors(_path_key(key, t.path), t, config) for t in select(params, config)}
+    )

@@ -1,0 +1,163 @@
+"""`merge`, `unmerge` and `delta`: pure tree-maps between a base pytree and its adapters.
+
+``merge`` returns ``W0 + scale * a @ b`` at every adapted weight and ``unmerge`` its inverse. The sum is
+formed in float32 and rounded once to the base dtype, so a merged bfloat16 weight is exactly
+``bf16(f32(W0) + f32(delta))``; adding in bfloat16 would round twice and drift. Products use
+``Precision.HIGHEST`` so accelerators do not silently drop to bfloat16 passes for float32 merges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._errors import AdapterMismatchError
+from ._factors import LoraFactors
+from ._paths import leaves_with_paths, path_to_str
+
+
+def _is_factors(x: Any) -> bool:
+    return isinstance(x, LoraFactors)
+
+
+def factors_by_path(adapters: Any) -> dict[str, LoraFactors]:
+    """``{path: LoraFactors}`` for an adapter pytree, in tree order."""
+    out = {}
+    for path, leaf in leaves_with_paths(adapters, is_leaf=_is_factors):
+        if not _is_factors(leaf):
+            raise AdapterMismatchError(
+                f"{path}: adapter tree holds a {type(leaf).__name__}, not LoraFactors; expected the "
+                "output of jlora.init (or a restored adapter checkpoint)"
+            )
+        out[path] = leaf
+    return out
+
+
+def factor_delta(factors: LoraFactors) -> jax.Array:
+    """``scale * a @ b`` in float32, shaped like the weight ``(*stack, *fan_in, *fan_out)``."""
+    a = factors.a.astype(jnp.float32)
+    b = factors.b.astype(jnp.float32)
+    rank = a.shape[-1]
+    fan_in = a.shape[a.ndim - 1 - factors.layout.fan_in_ndim : -1]
+    stack = a.shape[: a.ndim - 1 - factors.layout.fan_in_ndim]
+    fan_out = b.shape[len(stack) + 1 :]
+    a2 = a.reshape(*stack, -1, rank)
+    b2 = b.reshape(*stack, rank, -1)
+    d = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+    return (factors.scale * d).reshape(*stack, *fan_in, *fan_out)
+
+
+def check_fit(path: str, weight: Any, factors: LoraFactors) -> None:
+    """Raises :class:`AdapterMismatchError` if ``factors`` cannot adapt ``weight`` (trace time)."""
+    shape = tuple(weight.shape)
+    layout = factors.layout
+    stack = layout.stack_ndim(shape)
+    rank = factors.rank
+    expected = layout.factor_shapes(shape, rank) if stack >= 0 else None
+    found = (tuple(factors.a.shape), tuple(factors.b.shape))
+    if expected != found:
+        raise AdapterMismatchError(
+            f"{path}: adapter factors a {found[0]}, b {found[1]} do not fit the weight of shape "
+            f"{shape}; expected a {expected[0] if expected else '?'}, b "
+            f"{expected[1] if expected else '?'} for layout {layout}. Were these adapters made for "
+            "another model? Create them with jlora.init on this model's params"
+        )
+
+
+def _apply(params: Any, adapters: Any, sign: float) -> Any:
+    table = factors_by_path(adapters)
+    seen = set()
+
+    def leaf(path, w):
+        key = path_to_str(path)
+        factors = table.get(key)
+        if factors is None:
+            return w
+        seen.add(key)
+        check_fit(key, w, factors)
+        d = factor_delta(factors)
+        return (w.astype(jnp.float32) + d if sign > 0 else w.astype(jnp.float32) - d).astype(
+            w.dtype
+        )
+
+    out = jax.tree_util.tree_map_with_path(leaf, params)
+    missing = [p for p in table if p not in seen]
+    if missing:
+        raise AdapterMismatchError(
+            f"{missing[0]}: the adapters have factors at this path but the parameters have no such "
+            f"weight ({len(missing)} such paths). Were these adapters made for another model?"
+        )
+    return out
+
+
+def merge(params: Any, adapters: Any) -> Any:
+    """Folds adapters into the base: ``W0 + scale * a @ b`` at each adapted weight.
+
+    Args:
+        params: the base parameter pytree.
+        adapters: adapters from :func:`jlora.init` (or training) for these params.
+
+    Returns:
+        A pytree like ``params``. Adapted leaves are new arrays of the base dtype, computed in
+        float32 and rounded once; every other leaf is the very same object as in ``params``.
+
+    Raises:
+        AdapterMismatchError: an adapter's path is missing from ``params`` or its shapes do not fit.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> params = {"dense": {"kernel": jnp.zeros((3, 2))}}
+        >>> adapters = {"dense": {"kernel": jlora.LoraFactors(
+        ...     jnp.ones((3, 1)), jnp.ones((1, 2)), scale=2.0, layout=jlora.Layout(1, 1))}}
+        >>> merge(params, adapters)["dense"]["kernel"].tolist()
+        [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+    """
+    return _apply(params, adapters, +1.0)
+
+
+def unmerge(params: Any, adapters: Any) -> Any:
+    """Inverts :func:`merge`: ``W - scale * a @ b`` at each adapted weight.
+
+    ``unmerge(merge(p, f), f)`` equals ``p`` to float32 round-off (exactly, for values that float32
+    sums represent exactly).
+
+    Args:
+        params: merged parameters.
+        adapters: the adapters that were merged in.
+
+    Returns:
+        A pytree like ``params`` with the adapters' deltas taken out.
+
+    Raises:
+        AdapterMismatchError: as for :func:`merge`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> params = {"w": jnp.ones((2, 2))}
+        >>> adapters = jlora.init(jax.random.key(0), params, jlora.LoraConfig(targets="w", rank=1))
+        >>> adapters = jax.tree.map(jnp.ones_like, adapters)
+        >>> bool((unmerge(merge(params, adapters), adapters)["w"] == params["w"]).all())
+        True
+    """
+    return _apply(params, adapters, -1.0)
+
+
+def delta(adapters: Any) -> dict[str, Any]:
+    """The weight update ``scale * a @ b`` of each adapter, in float32, shaped like its weight.
+
+    Args:
+        adapters: an adapter pytree.
+
+    Returns:
+        A pytree of the same structure as ``adapters`` with a float32 array at each adapter.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> f = jlora.LoraFactors(jnp.ones((4, 1)), jnp.ones((1, 3)), 0.5, jlora.Layout(1, 1))
+        >>> delta({"w": f})["w"].shape
+        (4, 3)
+    """
+    factors_by_path(adapters)  # validates the tree
+    return jax.tree_util.tree_map(factor_delta, adapters, is_leaf=_is_factors)

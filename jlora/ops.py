@@ -1,0 +1,200 @@
+"""Factored LoRA products: the adapter's term of a layer's output, never forming ``W0 + delta``.
+
+Each function returns only the LoRA term; the caller adds the frozen layer's own output:
+
+    dense:   h = x W0 + scale * (drop(x) a) b
+    conv:    h = conv(x, W0) + scale * conv(drop(x), a) b
+    lookup:  h = W0[ids] + scale * a[ids] b
+    attend:  h = x W0^T + scale * (x b^T) a^T          (a tied embedding used as output head)
+
+Contracting through the rank ``r`` costs ``O(r (fan_in + fan_out))`` per row instead of the
+``O(fan_in * fan_out)`` of building the dense update. LoRA dropout (Hu et al. 2022) acts on the
+adapter's input only; the base path sees ``x`` untouched. Factors are cast to the input's dtype, so
+bfloat16 activations run bfloat16 matmuls against float32 factors.
+
+The factors must be one layer's (no stack axes): inside ``nn.scan`` each step sees its own slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ._errors import AdapterMismatchError, MissingRngError
+from ._factors import LoraFactors
+
+__all__ = ["attend_branch", "conv_branch", "dense_branch", "dropout", "lookup_branch"]
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zeros each entry with probability ``rate``, scales the rest by ``1/(1-rate)``.
+
+    Args:
+        x: the adapter's input.
+        rate: drop probability in ``[0, 1)``; 0 returns ``x`` itself.
+        rng: a PRNG key, required when ``rate > 0``.
+
+    Raises:
+        MissingRngError: ``rate > 0`` and ``rng`` is None.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> y = dropout(jnp.ones(1000), 0.5, jax.random.key(0))
+        >>> sorted(set(y.tolist()))
+        [0.0, 2.0]
+    """
+    if rate == 0.0:
+        return x
+    if rng is None:
+        raise MissingRngError(
+            f"LoRA dropout rate is {rate} but no PRNG key was given; pass rng= (in Flax: a "
+            "'dropout' rng stream) for training, or dropout=0 / deterministic mode for evaluation"
+        )
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _one_layer(factors: LoraFactors, op: str) -> tuple[jax.Array, jax.Array]:
+    fan_in_ndim = factors.layout.fan_in_ndim
+    if factors.a.ndim != fan_in_ndim + 1:
+        raise AdapterMismatchError(
+            f"{op}: factors a {factors.a.shape} have {factors.a.ndim - fan_in_ndim - 1} stack axes; "
+            "a factored product takes one layer's factors. Slice the stack (nn.scan does this when "
+            "the adapters travel in a scanned collection)"
+        )
+    return factors.a, factors.b
+
+
+def dense_branch(
+    x: jax.Array, factors: LoraFactors, *, dropout_rate: float = 0.0, rng: jax.Array | None = None
+) -> jax.Array:
+    """The LoRA term of a Dense/DenseGeneral/Einsum layer: ``scale * (drop(x) a) b``.
+
+    Args:
+        x: ``(..., *fan_in)``, the layer input with its contracted axes last.
+        factors: one layer's factors, ``a: (*fan_in, r)``, ``b: (r, *fan_out)``.
+        dropout_rate: LoRA dropout on ``x``.
+        rng: PRNG key for dropout.
+
+    Returns:
+        ``(..., *fan_out)`` in ``x``'s dtype.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> f = jlora.LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 4)), 0.5, jlora.Layout(1, 1))
+        >>> dense_branch(jnp.ones((5, 3)), f).shape
+        (5, 4)
+    """
+    a, b = _one_layer(factors, "dense_branch")
+    n_in = factors.layout.fan_in_ndim
+    if x.shape[x.ndim - n_in :] != a.shape[:-1]:
+        raise AdapterMismatchError(
+            f"dense_branch: input's last {n_in} axes {x.shape[x.ndim - n_in :]} do not match the "
+            f"adapter's fan-in {a.shape[:-1]}; were these factors made for another layer?"
+        )
+    x = dropout(x, dropout_rate, rng)
+    xa = jnp.tensordot(x, a.astype(x.dtype), axes=n_in)
+    return jnp.tensordot(xa * factors.scale, b.astype(x.dtype), axes=1)
+
+
+def conv_branch(
+    x: jax.Array,
+    factors: LoraFactors,
+    *,
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    input_dilation: Sequence[int] | None = None,
+    kernel_dilation: Sequence[int] | None = None,
+    dropout_rate: float = 0.0,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """The LoRA term of a convolution: ``scale * conv(drop(x), a) b``.
+
+    ``a`` is a conv kernel ``(*window, c_in, r)`` run with the base conv's geometry, and ``b``
+    ``(r, c_out)`` mixes its ``r`` channels, so the pair is the rank-``r`` kernel
+    ``a @ b`` without building it.
+
+    Args:
+        x: ``(*batch, *spatial, c_in)`` (channels last, as Flax's ``nn.Conv``).
+        factors: ``a: (*window, c_in, r)``, ``b: (r, c_out)``.
+        strides, padding, input_dilation, kernel_dilation: as ``jax.lax.conv_general_dilated``
+            (``padding`` a string or explicit ``(low, high)`` pairs), matching the base conv.
+        dropout_rate: LoRA dropout on ``x``.
+        rng: PRNG key for dropout.
+
+    Returns:
+        ``(*batch, *spatial_out, c_out)`` in ``x``'s dtype.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> f = jlora.LoraFactors(jnp.ones((3, 3, 2, 1)), jnp.ones((1, 5)), 1.0, jlora.Layout(3, 1))
+        >>> conv_branch(jnp.ones((4, 8, 8, 2)), f, padding="VALID").shape
+        (4, 6, 6, 5)
+    """
+    a, b = _one_layer(factors, "conv_branch")
+    n_spatial = a.ndim - 2
+    batch = x.shape[: x.ndim - n_spatial - 1]
+    x = dropout(x, dropout_rate, rng)
+    lhs = x.reshape(-1, *x.shape[len(batch) :])
+    dims = jax.lax.conv_dimension_numbers(lhs.shape, a.shape, _channels_last(n_spatial))
+    y = jax.lax.conv_general_dilated(
+        lhs,
+        a.astype(x.dtype),
+        window_strides=tuple(strides) if strides is not None else (1,) * n_spatial,
+        padding=padding if isinstance(padding, str) else tuple(tuple(p) for p in padding),
+        lhs_dilation=input_dilation,
+        rhs_dilation=kernel_dilation,
+        dimension_numbers=dims,
+    )
+    out = jnp.tensordot(y * factors.scale, b.astype(x.dtype), axes=1)
+    return out.reshape(*batch, *out.shape[1:])
+
+
+def _channels_last(n_spatial: int) -> tuple[str, str, str]:
+    if not 1 <= n_spatial <= 3:
+        raise AdapterMismatchError(f"conv_branch: {n_spatial} spatial axes; expected 1 to 3")
+    spatial = "HWD"[:n_spatial]
+    return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
+
+
+def lookup_branch(ids: jax.Array, factors: LoraFactors) -> jax.Array:
+    """The LoRA term of an embedding lookup: ``scale * a[ids] b``.
+
+    Args:
+        ids: integer token ids of any shape.
+        factors: ``a: (vocab, r)``, ``b: (r, features)``.
+
+    Returns:
+        ``(*ids.shape, features)`` in the factors' dtype.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> f = jlora.LoraFactors(jnp.ones((10, 2)), jnp.ones((2, 3)), 1.0, jlora.Layout(1, 1, True))
+        >>> lookup_branch(jnp.array([[1, 2]]), f).tolist()
+        [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]]
+    """
+    a, b = _one_layer(factors, "lookup_branch")
+    return jnp.take(a, ids, axis=0) * factors.scale @ b
+
+
+def attend_branch(x: jax.Array, factors: LoraFactors) -> jax.Array:
+    """The LoRA term of a tied embedding used as output head: ``scale * (x b^T) a^T``.
+
+    Args:
+        x: ``(..., features)``.
+        factors: ``a: (vocab, r)``, ``b: (r, features)``.
+
+    Returns:
+        ``(..., vocab)`` logits' LoRA term in ``x``'s dtype.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> f = jlora.LoraFactors(jnp.ones((10, 2)), jnp.ones((2, 3)), 1.0, jlora.Layout(1, 1, True))
+        >>> attend_branch(jnp.ones((4, 3)), f).shape
+        (4, 10)
+    """
+    a, b = _one_layer(factors, "attend_branch")
+    xb = jnp.tensordot(x, b.astype(x.dtype), axes=((x.ndim - 1,), (1,)))
+    return jnp.tensordot(xb * factors.scale, a.astype(x.dtype), axes=((x.ndim - 1,), (1,)))

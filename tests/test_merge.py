@@ -1,0 +1,148 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from trees import random_factors, transformer_params
+
+import jlora
+from jlora import AdapterMismatchError, LoraConfig
+
+ALL = LoraConfig(targets=(r".*/kernel", r"embed/embedding"), rank=4, alpha=6)
+
+
+def _reference_delta(f) -> np.ndarray:
+    """scale * a @ b in float64, for any layout, by flattening fan-in and fan-out."""
+    a = np.asarray(f.a, np.float64)
+    b = np.asarray(f.b, np.float64)
+    n_in = f.layout.fan_in_ndim
+    stack = a.shape[: a.ndim - 1 - n_in]
+    d = np.einsum(
+        "...ir,...ro->...io",
+        a.reshape(*stack, -1, a.shape[-1]),
+        b.reshape(*stack, b.shape[len(stack)], -1),
+    )
+    return f.scale * d.reshape(*stack, *a.shape[len(stack) : -1], *b.shape[len(stack) + 1 :])
+
+
+def test_init_equals_base_exactly():
+    params = transformer_params()
+    adapters = jlora.init(jax.random.key(0), params, ALL)
+    merged = jlora.merge(params, adapters)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_merge_matches_float64_reference():
+    params = transformer_params()
+    adapters = random_factors(jlora.init(jax.random.key(0), params, ALL))
+    merged = jlora.merge(params, adapters)
+    for path in ("layers_1/attn/value/kernel", "layers_0/mlp/up/kernel", "embed/embedding"):
+        keys = path.split("/")
+        w0, f, w = params, adapters, merged
+        for k in keys:
+            w0, f, w = w0[k], f[k], w[k]
+        expected = np.asarray(w0, np.float64) + _reference_delta(f)
+        np.testing.assert_allclose(w, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_untargeted_leaves_are_the_same_objects():
+    params = transformer_params()
+    adapters = jlora.init(jax.random.key(0), params, ALL)
+    merged = jlora.merge(params, adapters)
+    assert (
+        merged["layers_0"]["attn"]["query"]["bias"] is params["layers_0"]["attn"]["query"]["bias"]
+    )
+    assert merged["layers_1"]["ln"]["scale"] is params["layers_1"]["ln"]["scale"]
+    assert (
+        merged["layers_0"]["attn"]["query"]["kernel"]
+        is not params["layers_0"]["attn"]["query"]["kernel"]
+    )
+
+
+def test_unmerge_inverts_merge():
+    params = transformer_params()
+    adapters = random_factors(jlora.init(jax.random.key(0), params, ALL))
+    back = jlora.unmerge(jlora.merge(params, adapters), adapters)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=4 * np.finfo(np.float32).eps * 8)
+
+
+def test_bfloat16_merge_rounds_once_from_float32():
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), transformer_params())
+    adapters = random_factors(jlora.init(jax.random.key(0), params, ALL))
+    merged = jlora.merge(params, adapters)
+    deltas = jlora.delta(adapters)
+    w0 = params["layers_0"]["mlp"]["down"]["kernel"]
+    d = deltas["layers_0"]["mlp"]["down"]["kernel"]
+    expected = (w0.astype(jnp.float32) + d).astype(jnp.bfloat16)
+    got = merged["layers_0"]["mlp"]["down"]["kernel"]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got.view(jnp.uint16), expected.view(jnp.uint16))
+    # Adding in bfloat16 (rounding the delta first) differs somewhere: the rule matters.
+    twice = w0 + d.astype(jnp.bfloat16)
+    assert np.any(np.asarray(twice.view(jnp.uint16)) != np.asarray(got.view(jnp.uint16)))
+
+
+def test_stacked_layers_merge_per_layer():
+    params = {
+        "stack": {"kernel": np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)}
+    }
+    config = LoraConfig(targets=".*kernel", rank=2, layouts={".*": "sio"})
+    adapters = random_factors(jlora.init(jax.random.key(0), params, config))
+    merged = jlora.merge(params, adapters)["stack"]["kernel"]
+    f = adapters["stack"]["kernel"]
+    for layer in range(3):
+        expected = (
+            params["stack"]["kernel"][layer]
+            + f.scale * np.asarray(f.a[layer], np.float64) @ f.b[layer]
+        )
+        np.testing.assert_allclose(merged[layer], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_delta_has_weight_shapes_in_float32():
+    params = {"q": {"kernel": np.ones((8, 2, 4), jnp.bfloat16)}}
+    config = LoraConfig(targets=".*kernel", rank=3, layouts={".*": "ioo"})
+    adapters = random_factors(jlora.init(jax.random.key(0), params, config))
+    d = jlora.delta(adapters)["q"]["kernel"]
+    assert d.shape == (8, 2, 4) and d.dtype == jnp.float32
+    np.testing.assert_allclose(d, _reference_delta(adapters["q"]["kernel"]), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_under_jit_equals_eager():
+    params = transformer_params()
+    adapters = random_factors(jlora.init(jax.random.key(0), params, ALL))
+    eager = jlora.merge(params, adapters)
+    jitted = jax.jit(jlora.merge)(params, adapters)
+    for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_adapters_for_another_model():
+    small = transformer_params(d_model=16)
+    big = transformer_params(d_model=32)
+    adapters = jlora.init(jax.random.key(0), small, LoraConfig(targets=".*query/kernel", rank=2))
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"layers_0/attn/query/kernel: adapter factors a "
+        r"\(16, 2\), b \(2, 16\) do not fit the weight of shape \(32, 32\); expected "
+        r"a \(32, 2\), b \(2, 32\).*another model",
+    ):
+        jlora.merge(big, adapters)
+
+
+def test_adapter_path_missing_from_params():
+    params = transformer_params(layers=2)
+    adapters = jlora.init(jax.random.key(0), params, LoraConfig(targets=".*query/kernel", rank=2))
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"layers_1/attn/query/kernel: the adapters have "
+        r"factors at this path but the parameters have no such weight",
+    ):
+        jlora.unmerge(transformer_params(layers=1), adapters)
+
+
+def test_adapter_tree_with_foreign_leaves():
+    with pytest.raises(
+        AdapterMismatchError, match=r"w/a: adapter tree holds a ndarray, not LoraFactors"
+    ):
+        jlora.merge({"w": np.ones((2, 2))}, {"w": {"a": np.ones((2, 1))}})
