@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -116,6 +117,18 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
         >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
         ((6, 2), (2, 4))
     """
-    return nest(
-        {t.path: _init_factors(_path_key(key, t.path), t, config) for t in select(params, config)}
-    )
+    return jax.jit(init_function(params, config))(key)
+
+
+def init_function(params: Any, config: LoraConfig) -> Callable[[jax.Array], dict[str, Any]]:
+    """``key -> adapters`` for these params and config, validated now, to be jitted by the caller.
+
+    One jitted function draws every factor, so :func:`init` and its sharded variant, which differ
+    only in output shardings, produce bit-identical factors.
+    """
+    targets = select(params, config)
+
+    def draw(key: jax.Array) -> dict[str, Any]:
+        return nest({t.path: _init_factors(_path_key(key, t.path), t, config) for t in targets})
+
+    return draw

@@ -2,7 +2,9 @@
 
 ``merge`` returns ``W0 + scale * a @ b`` at every adapted weight and ``unmerge`` its inverse. The sum is
 formed in float32 and rounded once to the base dtype, so a merged bfloat16 weight is exactly
-``bf16(f32(W0) + f32(delta))``; adding in bfloat16 would round twice and drift. Products use
+``bf16(f32(W0) + f32(delta))``; adding in bfloat16 would round twice and drift. (Called eagerly the
+rule is exact; inside a caller's ``jax.jit`` XLA may fuse the add into multiply-adds, which can
+differ in the last float32 bit before the final rounding.) Products use
 ``Precision.HIGHEST`` so accelerators do not silently drop to bfloat16 passes for float32 merges.
 """
 
@@ -66,7 +68,22 @@ def check_fit(path: str, weight: Any, factors: LoraFactors) -> None:
         )
 
 
-def _apply(params: Any, adapters: Any, sign: float) -> Any:
+def _combine(w: Any, factors: LoraFactors, subtract: bool) -> jax.Array:
+    # Op by op, not one jitted expression: XLA would fuse `w + scale * a @ b` into fused
+    # multiply-adds and skip the rounding of the float32 delta that the merge rule promises.
+    w32 = jnp.asarray(w).astype(jnp.float32)
+    d = factor_delta(factors)
+    out = (w32 - d if subtract else w32 + d).astype(w.dtype)
+    if (
+        isinstance(w, jax.Array)
+        and not isinstance(w, jax.core.Tracer)
+        and out.sharding != w.sharding
+    ):
+        out = jax.device_put(out, w.sharding)  # a merged weight keeps its base weight's sharding
+    return out
+
+
+def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
     table = factors_by_path(adapters)
     seen = set()
 
@@ -77,10 +94,7 @@ def _apply(params: Any, adapters: Any, sign: float) -> Any:
             return w
         seen.add(key)
         check_fit(key, w, factors)
-        d = factor_delta(factors)
-        return (w.astype(jnp.float32) + d if sign > 0 else w.astype(jnp.float32) - d).astype(
-            w.dtype
-        )
+        return _combine(w, factors, subtract)
 
     out = jax.tree_util.tree_map_with_path(leaf, params)
     missing = [p for p in table if p not in seen]
@@ -101,7 +115,8 @@ def merge(params: Any, adapters: Any) -> Any:
 
     Returns:
         A pytree like ``params``. Adapted leaves are new arrays of the base dtype, computed in
-        float32 and rounded once; every other leaf is the very same object as in ``params``.
+        float32 and rounded once, on the base weight's sharding; every other leaf is the very same
+        object as in ``params``.
 
     Raises:
         AdapterMismatchError: an adapter's path is missing from ``params`` or its shapes do not fit.
@@ -114,7 +129,7 @@ def merge(params: Any, adapters: Any) -> Any:
         >>> merge(params, adapters)["dense"]["kernel"].tolist()
         [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
     """
-    return _apply(params, adapters, +1.0)
+    return _apply(params, adapters, subtract=False)
 
 
 def unmerge(params: Any, adapters: Any) -> Any:
@@ -141,7 +156,7 @@ def unmerge(params: Any, adapters: Any) -> Any:
         >>> bool((unmerge(merge(params, adapters), adapters)["w"] == params["w"]).all())
         True
     """
-    return _apply(params, adapters, -1.0)
+    return _apply(params, adapters, subtract=True)
 
 
 def delta(adapters: Any) -> dict[str, Any]:

@@ -1,0 +1,185 @@
+"""Shardings for adapter factors, derived from the base weights' shardings.
+
+A weight ``W0: (*stack, *fan_in, *fan_out)`` sharded by ``PartitionSpec(*s, *i, *o)`` gives
+
+    a: (*stack, *fan_in, r)   ->  PartitionSpec(*s, *i, None)
+    b: (*stack, r, *fan_out)  ->  PartitionSpec(*s, None, *o)
+
+so ``x a`` contracts ``a`` exactly as ``x W0`` contracts ``W0`` (same collectives on the same mesh
+axes), ``(x a) b`` produces outputs laid out like ``x W0``'s, and the rank axis, which is tiny, is
+replicated. Stack axes (scanned layers, experts) follow the base. Nothing here gathers or
+replicates a base weight: ``init`` creates each factor directly on its sharding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ._config import LoraConfig
+from ._errors import AdapterMismatchError
+from ._factors import LoraFactors, init_function
+from ._merge import factors_by_path
+from ._paths import leaves_with_paths, nest
+
+__all__ = ["factor_shardings", "factor_specs", "init"]
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec) or x is None
+
+
+def _spec_pair(path: str, spec: PartitionSpec | None, f: LoraFactors) -> tuple[PartitionSpec, ...]:
+    n_in, n_out = f.layout.fan_in_ndim, f.layout.fan_out_ndim
+    ndim = f.a.ndim - 1 + n_out
+    entries = tuple(spec) if spec is not None else ()
+    if len(entries) > ndim:
+        raise AdapterMismatchError(
+            f"{path}: PartitionSpec {spec} has {len(entries)} entries but the weight has {ndim} "
+            f"axes (a {f.a.shape}, b {f.b.shape}); give at most one entry per weight axis"
+        )
+    entries = entries + (None,) * (ndim - len(entries))
+    n_stack = ndim - n_in - n_out
+    stack, fan_in, fan_out = (
+        entries[:n_stack],
+        entries[n_stack : n_stack + n_in],
+        entries[n_stack + n_in :],
+    )
+    return PartitionSpec(*stack, *fan_in, None), PartitionSpec(*stack, None, *fan_out)
+
+
+def factor_specs(adapters: Any, param_specs: Any) -> Any:
+    """PartitionSpecs for each factor, from the specs of the weights they adapt.
+
+    Args:
+        adapters: an adapter pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+        param_specs: a pytree like the base params (at least at the adapted paths) holding a
+            ``PartitionSpec`` (or None, replicated) per weight, e.g. ``nn.get_partition_spec``'s
+            output or ``jax.tree.map(lambda x: x.sharding.spec, params)``.
+
+    Returns:
+        A pytree like ``adapters`` whose ``a`` and ``b`` leaves are PartitionSpecs.
+
+    Raises:
+        AdapterMismatchError: an adapted path has no spec in ``param_specs``, or a spec has more
+            entries than its weight has axes.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> params = {"up": {"kernel": jnp.zeros((8, 32))}}
+        >>> adapters = jlora.init(jax.random.key(0), params, jlora.LoraConfig(targets=".*kernel"))
+        >>> specs = factor_specs(adapters, {"up": {"kernel": P("data", "model")}})
+        >>> tuple(specs["up"]["kernel"].a), tuple(specs["up"]["kernel"].b)
+        (('data', None), (None, 'model'))
+    """
+    specs = dict(leaves_with_paths(param_specs, is_leaf=_is_spec))
+    out = {}
+    for path, f in factors_by_path(adapters).items():
+        if path not in specs:
+            raise AdapterMismatchError(
+                f"{path}: no PartitionSpec for this adapted weight in param_specs; expected a tree "
+                "like the base params with a spec (or None) at every adapted weight"
+            )
+        a_spec, b_spec = _spec_pair(path, specs[path], f)
+        out[path] = LoraFactors(a_spec, b_spec, f.scale, f.layout)
+    return nest(out)
+
+
+def factor_shardings(adapters: Any, param_shardings: Any, mesh: Mesh | None = None) -> Any:
+    """NamedShardings for each factor, on the mesh of the weight it adapts.
+
+    Args:
+        adapters: an adapter pytree (arrays or abstract).
+        param_shardings: a pytree like the base params holding a ``NamedSharding`` per adapted
+            weight (e.g. ``jax.tree.map(lambda x: x.sharding, params)``), or, with ``mesh``, a
+            ``PartitionSpec`` per adapted weight.
+        mesh: the mesh for PartitionSpec leaves.
+
+    Returns:
+        A pytree like ``adapters`` whose ``a`` and ``b`` leaves are NamedShardings.
+
+    Raises:
+        AdapterMismatchError: an adapted weight has no NamedSharding (or no PartitionSpec with
+            ``mesh``), a spec names a mesh axis the mesh lacks, or does not fit the weight.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, jlora
+        >>> from jax.sharding import Mesh, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+        >>> params = {"up": {"kernel": jnp.zeros((8, 32))}}
+        >>> adapters = jlora.init(jax.random.key(0), params, jlora.LoraConfig(targets=".*kernel"))
+        >>> s = factor_shardings(adapters, {"up": {"kernel": P(None, "model")}}, mesh)
+        >>> tuple(s["up"]["kernel"].b.spec)
+        (None, 'model')
+    """
+    if mesh is not None:
+        specs = factor_specs(adapters, param_shardings)
+        for path, f in factors_by_path(specs).items():
+            for spec in (f.a, f.b):
+                _check_axes(path, spec, mesh)
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    table = dict(
+        leaves_with_paths(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    )
+    out = {}
+    for path, f in factors_by_path(adapters).items():
+        sharding = table.get(path)
+        if not isinstance(sharding, NamedSharding):
+            raise AdapterMismatchError(
+                f"{path}: expected a NamedSharding for this adapted weight, found "
+                f"{type(sharding).__name__}; put the base on a Mesh with NamedSharding, or pass "
+                "PartitionSpecs with mesh="
+            )
+        a_spec, b_spec = _spec_pair(path, sharding.spec, f)
+        mesh_ = sharding.mesh
+        out[path] = LoraFactors(
+            NamedSharding(mesh_, a_spec), NamedSharding(mesh_, b_spec), f.scale, f.layout
+        )
+    return nest(out)
+
+
+def _check_axes(path: str, spec: PartitionSpec, mesh: Mesh) -> None:
+    for entry in spec:
+        for axis in entry if isinstance(entry, tuple) else (entry,):
+            if axis is not None and axis not in mesh.axis_names:
+                raise AdapterMismatchError(
+                    f"{path}: PartitionSpec {spec} names mesh axis {axis!r} but the mesh has axes "
+                    f"{mesh.axis_names}; fix the spec or the mesh"
+                )
+
+
+def init(
+    key: jax.Array, params: Any, config: LoraConfig, param_shardings: Any | None = None
+) -> Any:
+    """Like :func:`jlora.init`, but creates each factor directly on its sharding.
+
+    The factors are produced by one jitted computation whose outputs are laid out by
+    :func:`factor_shardings`: no host round trip and no full replica of anything.
+
+    Args:
+        key: a PRNG key.
+        params: the base params: sharded arrays, or abstract leaves when ``param_shardings`` is given.
+        config: which weights to adapt and how.
+        param_shardings: a pytree of NamedShardings like ``params``; by default each array's own
+            ``.sharding``.
+
+    Returns:
+        The adapter pytree, equal to ``jlora.init(key, params, config)``, sharded.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, jlora
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+        >>> w = jax.device_put(jnp.zeros((8, 32)), NamedSharding(mesh, P("data", "model")))
+        >>> adapters = init(jax.random.key(0), {"w": w}, jlora.LoraConfig(targets="w"))
+        >>> tuple(adapters["w"].a.sharding.spec), tuple(adapters["w"].b.sharding.spec)
+        (('data', None), (None, 'model'))
+    """
+    if param_shardings is None:
+        param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    draw = init_function(params, config)
+    out_shardings = factor_shardings(jax.eval_shape(draw, key), param_shardings)
+    return jax.jit(draw, out_shardings=out_shardings)(key)
