@@ -1,0 +1,292 @@
+"""The LoRA paper's diagnostics (Hu et al. 2022, section 7) over jlora's factors.
+
+Orientation. The paper writes ``delta W = B A`` with ``A: (r, k)`` reading the input and
+``B: (d, r)`` writing the output. jlora stores Flax-style ``a: (fan_in, r)`` and ``b: (r, fan_out)``,
+so ``a = A^T`` and ``b = B^T``. The paper's right-singular vectors of ``A`` (directions of the input
+space) are therefore the *left* singular vectors of ``a``, and the left-singular vectors of ``B``
+(directions of the output space) are the *right* singular vectors of ``b``.
+:func:`singular_basis` returns either, as orthonormal columns ordered by singular value.
+
+* Subspace similarity: for bases ``U1 (n, i)`` and ``U2 (n, j)``,
+  ``phi = ||U1^T U2||_F^2 / min(i, j)``, in ``[0, 1]``: 1 when one span contains the other.
+* Grassmann distance: ``sqrt(sum_k arccos(sigma_k)^2)`` over the singular values ``sigma_k`` of
+  ``U1^T U2`` (the cosines of the principal angles).
+* Weight/update relation: with ``U, V`` the top-``r`` singular directions of ``delta W``,
+  ``||U^T W V||_F`` measures how much of ``W`` lies in the update's subspace; the amplification
+  factor is ``||delta W||_F / ||U^T W V||_F``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import numpy as np
+
+from ._errors import AdapterMismatchError
+from ._factors import LoraFactors
+
+__all__ = [
+    "UpdateProjection",
+    "adapter_tuning_param_count",
+    "grassmann_distance",
+    "lora_param_count",
+    "plot_subspace_similarity",
+    "singular_basis",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+    "update_projection",
+]
+
+
+def _matrix(name: str, x: jax.Array | np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, found shape {x.shape}")
+    return x
+
+
+def singular_basis(
+    factors: LoraFactors, side: Literal["input", "output"] = "input", k: int | None = None
+) -> np.ndarray:
+    """The top-``k`` singular directions of one adapter, as orthonormal columns (float64).
+
+    Args:
+        factors: one layer's factors (slice stacked ones first); multi-axis fan-in or fan-out
+            axes are flattened.
+        side: ``"input"``: left singular vectors of ``a`` (the paper's right-singular vectors of
+            ``A``), shape ``(fan_in, k)``; ``"output"``: right singular vectors of ``b`` (the
+            paper's left-singular vectors of ``B``), shape ``(fan_out, k)``.
+        k: how many directions; default the rank.
+
+    Returns:
+        ``(n, k)`` with orthonormal columns, ordered by decreasing singular value.
+
+    Raises:
+        ValueError: ``side`` is unknown or ``k`` is outside ``[1, rank]``.
+        AdapterMismatchError: the factors have stack axes.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> a = jnp.array([[1.0, 0.0], [0.0, 3.0], [0.0, 0.0], [0.0, 0.0]])
+        >>> f = jlora.LoraFactors(a, jnp.ones((2, 5)), 1.0, jlora.Layout(1, 1))
+        >>> abs(singular_basis(f, "input", k=1)).round(3).ravel().tolist()
+        [0.0, 1.0, 0.0, 0.0]
+    """
+    rank = factors.rank
+    if factors.a.ndim != factors.layout.fan_in_ndim + 1:
+        raise AdapterMismatchError(
+            f"singular_basis: factors a {factors.a.shape} have stack axes; pass one layer's slice, "
+            "e.g. jax.tree.map(lambda t: t[layer], factors)"
+        )
+    k = rank if k is None else k
+    if not 1 <= k <= rank:
+        raise ValueError(f"singular_basis: k={k} is outside [1, rank={rank}]")
+    if side == "input":
+        u, _, _ = np.linalg.svd(
+            np.asarray(factors.a, np.float64).reshape(-1, rank), full_matrices=False
+        )
+        return u[:, :k]
+    if side == "output":
+        _, _, vh = np.linalg.svd(
+            np.asarray(factors.b, np.float64).reshape(rank, -1), full_matrices=False
+        )
+        return vh[:k].T
+    raise ValueError(f"singular_basis: side={side!r}; expected 'input' or 'output'")
+
+
+def _overlap(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> np.ndarray:
+    u1, u2 = _matrix("u1", u1), _matrix("u2", u2)
+    if u1.shape[0] != u2.shape[0]:
+        raise ValueError(
+            f"bases live in different spaces: u1 has {u1.shape[0]} rows, u2 {u2.shape[0]}; compare "
+            "adapters of the same weight, on the same side"
+        )
+    return u1.T @ u2
+
+
+def subspace_similarity(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> float:
+    """The paper's ``phi = ||U1^T U2||_F^2 / min(i, j)`` for orthonormal bases ``(n, i)``, ``(n, j)``.
+
+    Example:
+        >>> import numpy as np
+        >>> e = np.eye(4)
+        >>> subspace_similarity(e[:, :2], e[:, :3]), subspace_similarity(e[:, :2], e[:, 2:])
+        (1.0, 0.0)
+    """
+    m = _overlap(u1, u2)
+    return float(np.sum(m**2) / min(m.shape))
+
+
+def subspace_similarity_grid(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> np.ndarray:
+    """``phi`` between the top-``i`` columns of ``u1`` and the top-``j`` of ``u2``, for all ``i, j``.
+
+    Returns:
+        ``grid[i - 1, j - 1] = phi(u1[:, :i], u2[:, :j])``, shape ``(i_max, j_max)``.
+
+    Example:
+        >>> import numpy as np
+        >>> subspace_similarity_grid(np.eye(3), np.eye(3)[:, ::-1]).round(2).tolist()
+        [[0.0, 0.0, 1.0], [0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]
+    """
+    m2 = _overlap(u1, u2) ** 2
+    cumulative = m2.cumsum(axis=0).cumsum(axis=1)
+    i = np.arange(1, m2.shape[0] + 1)[:, None]
+    j = np.arange(1, m2.shape[1] + 1)[None, :]
+    return cumulative / np.minimum(i, j)
+
+
+def grassmann_distance(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> float:
+    """Geodesic distance between the spans of two orthonormal bases: ``sqrt(sum arccos(s)^2)``.
+
+    Example:
+        >>> import numpy as np
+        >>> e = np.eye(3)
+        >>> round(grassmann_distance(e[:, :1], e[:, 1:2]), 6) == round(np.pi / 2, 6)
+        True
+    """
+    sigma = np.linalg.svd(_overlap(u1, u2), compute_uv=False)
+    angles = np.arccos(np.clip(sigma, 0.0, 1.0))
+    return float(np.sqrt(np.sum(angles**2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateProjection:
+    """How a weight relates to its update (the paper's Table 7 quantities, Frobenius norms).
+
+    Attributes:
+        rank: number of directions ``r`` projected onto.
+        delta_norm: ``||delta W||``.
+        weight_norm: ``||W||``.
+        onto_delta: ``||U^T W V||`` with ``U, V`` the top-``r`` singular directions of delta W.
+        onto_weight: the same with the top-``r`` directions of ``W`` itself.
+        onto_random: the same with a random ``r``-dimensional pair of subspaces.
+    """
+
+    rank: int
+    delta_norm: float
+    weight_norm: float
+    onto_delta: float
+    onto_weight: float
+    onto_random: float
+
+    @property
+    def amplification(self) -> float:
+        """``||delta W|| / ||U^T W V||``: how much the update amplifies directions of ``W``."""
+        return self.delta_norm / self.onto_delta
+
+
+def _top(x: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    u, _, vh = np.linalg.svd(x, full_matrices=False)
+    return u[:, :r], vh[:r].T
+
+
+def _projected_norm(w: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.linalg.norm(u.T @ w @ v))
+
+
+def update_projection(
+    weight: jax.Array | np.ndarray, delta: jax.Array | np.ndarray, *, rank: int, seed: int = 0
+) -> UpdateProjection:
+    """Projects ``W`` onto the top-``rank`` subspaces of ``delta W``, of ``W``, and of a random pair.
+
+    Args:
+        weight: the (pre-trained) weight, 2-D (flatten multi-axis layouts first).
+        delta: its update ``delta W`` (e.g. from :func:`jlora.delta`), same shape.
+        rank: the number of singular directions ``r``.
+        seed: seed of the random subspaces.
+
+    Returns:
+        An :class:`UpdateProjection`; ``.amplification`` is the paper's factor.
+
+    Example:
+        >>> import numpy as np
+        >>> w = np.diag([5.0, 1.0, 0.1])
+        >>> p = update_projection(w, np.diag([0.0, 0.0, 2.0]), rank=1)
+        >>> round(p.onto_delta, 6), round(p.amplification, 6), round(p.onto_weight, 6)
+        (0.1, 20.0, 5.0)
+    """
+    w, d = _matrix("weight", weight), _matrix("delta", delta)
+    if w.shape != d.shape:
+        raise ValueError(f"update_projection: weight {w.shape} and delta {d.shape} differ in shape")
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"update_projection: rank={rank} is outside [1, {min(w.shape)}]")
+    rng = np.random.default_rng(seed)
+    random_u, _ = np.linalg.qr(rng.normal(size=(w.shape[0], rank)))
+    random_v, _ = np.linalg.qr(rng.normal(size=(w.shape[1], rank)))
+    return UpdateProjection(
+        rank=rank,
+        delta_norm=float(np.linalg.norm(d)),
+        weight_norm=float(np.linalg.norm(w)),
+        onto_delta=_projected_norm(w, *_top(d, rank)),
+        onto_weight=_projected_norm(w, *_top(w, rank)),
+        onto_random=_projected_norm(w, random_u, random_v),
+    )
+
+
+def lora_param_count(num_matrices: int, d_model: int, rank: int) -> int:
+    """The paper's LoRA count ``|Theta| = 2 * L_lora * d_model * r`` (square ``d_model`` weights).
+
+    Example:
+        >>> lora_param_count(num_matrices=2 * 96, d_model=12288, rank=4)  # GPT-3, q and v, r = 4
+        18874368
+    """
+    return 2 * num_matrices * d_model * rank
+
+
+def adapter_tuning_param_count(
+    num_adapters: int, d_model: int, rank: int, num_layer_norms: int
+) -> int:
+    """Adapter tuning's count ``L_adpt (2 d_model r + r + d_model) + 2 L_LN d_model`` (the paper's).
+
+    Example:
+        >>> adapter_tuning_param_count(num_adapters=24, d_model=1024, rank=8, num_layer_norms=48)
+        516288
+    """
+    return num_adapters * (2 * d_model * rank + rank + d_model) + 2 * num_layer_norms * d_model
+
+
+def plot_subspace_similarity(
+    grid: np.ndarray, path: str, *, title: str = "", xlabel: str = "j", ylabel: str = "i"
+) -> str:
+    """Writes a heatmap of a :func:`subspace_similarity_grid` to ``path`` (PNG, PDF, ...).
+
+    Needs matplotlib (``pip install jlora[examples]``).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> out = plot_subspace_similarity(np.eye(4), os.path.join(tempfile.mkdtemp(), "phi.png"))
+        >>> os.path.getsize(out) > 0
+        True
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plot_subspace_similarity needs matplotlib: pip install matplotlib"
+        ) from e
+    grid = np.asarray(grid)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.25 * grid.shape[1], 1.2 + 0.25 * grid.shape[0]))
+    try:
+        image = ax.imshow(
+            grid,
+            vmin=0.0,
+            vmax=1.0,
+            cmap="viridis",
+            origin="upper",
+            extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5),
+        )
+        fig.colorbar(image, ax=ax, label="phi")
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,151 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from trees import transformer_params
+
+import jlora
+from jlora import AdapterMismatchError, Layout, LoraConfig, LoraFactors
+from jlora import analysis as an
+
+RNG = np.random.default_rng(0)
+
+
+def orthonormal(n, k):
+    q, _ = np.linalg.qr(RNG.normal(size=(n, k)))
+    return q
+
+
+def rotation(k):
+    q, _ = np.linalg.qr(RNG.normal(size=(k, k)))
+    return q
+
+
+def test_identical_orthogonal_and_rotated_subspaces():
+    u = orthonormal(10, 4)
+    assert an.subspace_similarity(u, u) == pytest.approx(1.0, abs=1e-12)
+    rotated = u @ rotation(4)  # the same span, other basis
+    assert an.subspace_similarity(u, rotated) == pytest.approx(1.0, abs=1e-12)
+    assert an.grassmann_distance(u, rotated) == pytest.approx(0.0, abs=1e-6)
+    complement = np.linalg.svd(np.eye(10) - u @ u.T)[0][:, :6]
+    assert an.subspace_similarity(u, complement) == pytest.approx(0.0, abs=1e-12)
+    assert an.grassmann_distance(u, complement[:, :4]) == pytest.approx(
+        np.pi, abs=1e-6
+    )  # 4 right angles
+
+
+def test_grassmann_distance_of_known_principal_angles():
+    e = np.eye(4)
+    t1, t2 = 0.3, 1.1
+    u1 = e[:, :2]
+    u2 = np.stack(
+        [np.cos(t1) * e[:, 0] + np.sin(t1) * e[:, 2], np.cos(t2) * e[:, 1] + np.sin(t2) * e[:, 3]],
+        1,
+    )
+    assert an.grassmann_distance(u1, u2) == pytest.approx(np.hypot(t1, t2), abs=1e-9)
+    expected_phi = (np.cos(t1) ** 2 + np.cos(t2) ** 2) / 2
+    assert an.subspace_similarity(u1, u2) == pytest.approx(expected_phi, abs=1e-12)
+
+
+def test_grid_matches_the_definition():
+    u1, u2 = orthonormal(12, 5), orthonormal(12, 3)
+    grid = an.subspace_similarity_grid(u1, u2)
+    assert grid.shape == (5, 3)
+    for i in range(1, 6):
+        for j in range(1, 4):
+            expected = np.linalg.norm(u1[:, :i].T @ u2[:, :j]) ** 2 / min(i, j)
+            assert grid[i - 1, j - 1] == pytest.approx(expected, abs=1e-12)
+    assert np.all((grid >= 0) & (grid <= 1 + 1e-12))
+
+
+def test_singular_basis_orientation():
+    # a's column space (input side) is span(e0, e1); b's row space (output side) is span(e3).
+    a = np.zeros((6, 2))
+    a[0, 0], a[1, 1] = 1.0, 4.0
+    b = np.zeros((2, 5))
+    b[0, 3], b[1, 3] = 2.0, -1.0
+    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), 1.0, Layout(1, 1))
+    u_in = an.singular_basis(f, "input")
+    assert u_in.shape == (6, 2)
+    np.testing.assert_allclose(np.abs(u_in[:, 0]), np.eye(6)[1], atol=1e-7)  # largest first
+    assert an.subspace_similarity(u_in, np.eye(6)[:, :2]) == pytest.approx(1.0)
+    u_out = an.singular_basis(f, "output", k=1)
+    np.testing.assert_allclose(np.abs(u_out[:, 0]), np.eye(5)[3], atol=1e-7)
+
+
+def test_singular_basis_errors():
+    f = LoraFactors(jnp.ones((2, 6, 3)), jnp.ones((2, 3, 4)), 1.0, Layout(1, 1))
+    with pytest.raises(AdapterMismatchError, match=r"have stack axes; pass one layer's slice"):
+        an.singular_basis(f)
+    one = jax.tree.map(lambda t: t[0], f)
+    with pytest.raises(ValueError, match=r"k=4 is outside \[1, rank=3\]"):
+        an.singular_basis(one, k=4)
+    with pytest.raises(ValueError, match=r"side='left'; expected 'input' or 'output'"):
+        an.singular_basis(one, "left")
+    with pytest.raises(ValueError, match=r"bases live in different spaces: u1 has 6 rows, u2 4"):
+        an.subspace_similarity(np.eye(6)[:, :2], np.eye(4)[:, :2])
+
+
+def test_update_projection_known_amplification():
+    # W has a large component along (e0, e0) and a small one along the update's direction (e2, e1).
+    w = np.zeros((4, 3))
+    w[0, 0], w[2, 1] = 10.0, 0.5
+    d = np.zeros((4, 3))
+    d[2, 1] = 3.0
+    p = an.update_projection(w, d, rank=1)
+    assert p.delta_norm == pytest.approx(3.0)
+    assert p.onto_delta == pytest.approx(0.5)
+    assert p.amplification == pytest.approx(6.0)
+    assert p.onto_weight == pytest.approx(10.0)
+    assert p.weight_norm == pytest.approx(np.hypot(10.0, 0.5))
+    again = an.update_projection(w, d, rank=1)
+    assert again.onto_random == p.onto_random  # seeded
+    with pytest.raises(ValueError, match=r"rank=4 is outside \[1, 3\]"):
+        an.update_projection(w, d, rank=4)
+    with pytest.raises(ValueError, match=r"weight \(4, 3\) and delta \(3, 4\) differ in shape"):
+        an.update_projection(w, d.T, rank=1)
+
+
+def test_update_projection_of_a_real_adapter_is_invariant_to_refactoring():
+    w = RNG.normal(size=(16, 12))
+    a, b = RNG.normal(size=(16, 2)), RNG.normal(size=(2, 12))
+    q = rotation(2)
+    p1 = an.update_projection(w, a @ b, rank=2)
+    p2 = an.update_projection(w, (a @ q) @ (q.T @ b), rank=2)  # same delta, other factors
+    assert p1.onto_delta == pytest.approx(p2.onto_delta, rel=1e-9)
+
+
+def test_lora_count_matches_the_real_tree():
+    layers, d_model, r = 3, 16, 4
+    params = transformer_params(layers=layers, d_model=d_model)
+    adapters = jlora.init(
+        jax.random.key(0), params, LoraConfig(targets=r".*(query|value)/kernel", rank=r)
+    )
+    assert jlora.count_params(params, adapters).trainable == an.lora_param_count(
+        2 * layers, d_model, r
+    )
+
+
+def test_adapter_tuning_count_matches_a_built_tree():
+    d, r, n_adapters, n_ln = 16, 4, 6, 12
+    tree = {
+        f"adapter_{i}": {
+            "down": np.zeros((d, r)),
+            "down_bias": np.zeros(r),
+            "up": np.zeros((r, d)),
+            "up_bias": np.zeros(d),
+        }
+        for i in range(n_adapters)
+    } | {f"ln_{i}": {"scale": np.zeros(d), "bias": np.zeros(d)} for i in range(n_ln)}
+    assert sum(x.size for x in jax.tree.leaves(tree)) == an.adapter_tuning_param_count(
+        n_adapters, d, r, n_ln
+    )
+
+
+def test_plot_writes_an_image(tmp_path):
+    import matplotlib.image
+
+    grid = an.subspace_similarity_grid(orthonormal(8, 4), orthonormal(8, 6))
+    out = an.plot_subspace_similarity(grid, str(tmp_path / "phi.png"), title="A_r=4 vs A_r=6")
+    image = matplotlib.image.imread(out)
+    assert image.ndim == 3 and image.shape[0] > 50
