@@ -26,3 +26,7 @@ class NotAnArrayError(TypeError):
 
 class MissingRngError(ValueError):
     """LoRA dropout is on (rate > 0) but no PRNG key was given for it."""
+
+
+class PeftFormatError(ValueError):
+    """Adapters cannot be written in, or files cannot be read as, Hugging Face PEFT's LoRA format."""

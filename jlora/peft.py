@@ -1,0 +1,340 @@
+"""Hugging Face PEFT's LoRA adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+A torch ``nn.Linear`` stores its weight ``W: (out, in)``, and PEFT adapts it as
+
+    y = x W^T + s (x A^T) B^T        lora_A.weight = A: (r, in),  lora_B.weight = B: (out, r)
+
+while a Flax kernel is ``(in, out)`` and jlora computes ``y = x W0 + s (x a) b`` with
+``a: (in, r)``, ``b: (r, out)``: so ``A = a^T`` and ``B = b^T``. An ``nn.Embedding`` adds
+``s A^T[ids] B^T`` with ``lora_embedding_A = A: (r, vocab)``, ``lora_embedding_B = B: (d, r)``;
+jlora's table factors ``a: (vocab, r)``, ``b: (r, d)`` again give ``A = a^T``, ``B = b^T``. The
+scale ``s`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA) in both libraries, so
+per-weight ranks and alphas travel as PEFT's ``rank_pattern`` / ``alpha_pattern``.
+
+Tensors are named ``base_model.model.<module>.lora_A.weight`` (``lora_B.weight``,
+``lora_embedding_A``, ``lora_embedding_B``), ``<module>`` being the torch module's dotted name, and
+stored as float32. Which Flax path is which module is up to two functions; the defaults,
+:func:`path_to_module` and :func:`module_to_path`, map ``a/b/c/kernel`` and ``a/b/c/embedding`` to
+``a.b.c``. PEFT's format has one 2-D pair per module: adapters of stacked (scanned) layers,
+multi-axis kernels and convolutions are refused with a message saying how to reshape them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _peft_config, _peft_files
+from ._config import LoraConfig
+from ._errors import AdapterMismatchError, ConfigError, PeftFormatError
+from ._factors import LoraFactors
+from ._layout import Layout
+from ._merge import factors_by_path
+from ._paths import leaves_with_paths, nest
+from ._peft_files import CONFIG_NAME as CONFIG_NAME
+from ._peft_files import WEIGHTS_NAME as WEIGHTS_NAME
+from ._peft_files import Kind
+from ._targets import default_layout
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PeftFormatError",
+    "load",
+    "module_to_path",
+    "path_to_module",
+    "save",
+]
+
+
+def path_to_module(path: str) -> str:
+    """The default Flax-path-to-torch-module map: ``a/b/c/kernel`` and ``a/b/c/embedding`` -> ``a.b.c``.
+
+    Raises:
+        PeftFormatError: the path does not end in ``kernel`` or ``embedding``, or a key holds a dot.
+
+    Example:
+        >>> path_to_module("decoder/layers_0/attn/query/kernel")
+        'decoder.layers_0.attn.query'
+    """
+    *parents, leaf = path.split("/")
+    if leaf not in ("kernel", "embedding") or not parents or any("." in p for p in parents):
+        raise PeftFormatError(
+            f"{path}: the default path_to_module maps 'a/b/c/kernel' and 'a/b/c/embedding' (keys "
+            "without dots) to the torch module 'a.b.c'; pass path_to_module= to save(), a function "
+            "from this path to the module's dotted name in the torch model"
+        )
+    return ".".join(parents)
+
+
+def module_to_path(module: str, kind: Kind) -> str:
+    """The default torch-module-to-Flax-path map: ``a.b.c`` -> ``a/b/c/kernel`` (or ``/embedding``).
+
+    Args:
+        module: the module's dotted name in the torch model.
+        kind: ``"linear"`` (the file has ``lora_A``/``lora_B``) or ``"embedding"``
+            (``lora_embedding_A``/``lora_embedding_B``).
+
+    Example:
+        >>> module_to_path("model.embed_tokens", "embedding")
+        'model/embed_tokens/embedding'
+    """
+    return module.replace(".", "/") + ("/embedding" if kind == "embedding" else "/kernel")
+
+
+def _scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def save(
+    directory: str | os.PathLike[str],
+    adapters: Any,
+    config: LoraConfig,
+    *,
+    path_to_module: Callable[[str], str] = path_to_module,
+    target_modules: Sequence[str] | str | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> None:
+    """Writes adapters as a PEFT LoRA adapter: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Everything is checked before anything is written, and each file is written to a temporary
+    name and renamed into place, so a failed save leaves an existing adapter in ``directory``
+    as it was. Other files in ``directory`` are left alone.
+
+    Args:
+        directory: where to write (created if missing); the two files are replaced if present.
+        adapters: the adapter pytree (2-D Dense and Embed adapters only).
+        config: the config the adapters were made with; its alphas are written (PEFT stores alpha
+            and rank, not the scale), and its dropout, rsLoRA flag and init scheme.
+        path_to_module: maps a Flax parameter path to the torch module's dotted name.
+        target_modules: PEFT's ``target_modules``; by default the list of adapted module names.
+            A list of short names (``["q_proj", "v_proj"]``) or a regex string also works and must
+            select every adapted module under PEFT's rules.
+        base_model_name_or_path: recorded for PEFT (the Hub id or path of the torch base model).
+        task_type: recorded for PEFT (e.g. ``"CAUSAL_LM"``); tensor names do not depend on it.
+
+    Raises:
+        PeftFormatError: an adapter has stack axes or a multi-axis kernel, a path does not map to a
+            module (or two map to the same one), an adapter's scale is not its config's
+            ``alpha / r``, or ``target_modules`` misses an adapted module.
+
+    Example:
+        >>> import os, tempfile, jax, jax.numpy as jnp, jlora
+        >>> params = {"mlp": {"up": {"kernel": jnp.ones((4, 3))}}}
+        >>> config = jlora.LoraConfig(targets=".*kernel", rank=2, alpha=4.0)
+        >>> adapters = jlora.init(jax.random.key(0), params, config)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save(d, adapters, config)
+        ...     sorted(os.listdir(d))
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    table = factors_by_path(adapters)
+    if not table:
+        raise PeftFormatError("save: the adapter tree is empty; expected the output of jlora.init")
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    kinds: dict[str, Kind] = {}
+    owner: dict[str, str] = {}
+    for path, f in table.items():
+        kind, a_t, b_t = _peft_files.peft_pair(path, f)
+        module = path_to_module(path)
+        if not isinstance(module, str) or not module or module.startswith(_peft_files.PREFIX):
+            raise PeftFormatError(
+                f"{path}: path_to_module returned {module!r}; expected the torch module's dotted "
+                f"name without the {_peft_files.PREFIX!r} prefix, e.g. 'model.layers.0.self_attn.q_proj'"
+            )
+        if module in owner:
+            raise PeftFormatError(
+                f"{path} and {owner[module]} both map to torch module {module!r}; each module holds "
+                "one adapter. Fix path_to_module"
+            )
+        owner[module] = path
+        rank, alpha = a_t.shape[0], config.alpha_for(path)
+        expected = _scale(alpha, rank, config.use_rslora)
+        if not math.isclose(f.scale, expected, rel_tol=1e-12):
+            raise PeftFormatError(
+                f"{path}: adapter scale {f.scale} is not the config's alpha / "
+                f"{'sqrt(r)' if config.use_rslora else 'r'} = {alpha} / {rank} = {expected}; PEFT "
+                "stores alpha and r, not the scale. Pass the config these adapters were made with"
+            )
+        a_name, b_name = _peft_files.NAMES[kind, "A"], _peft_files.NAMES[kind, "B"]
+        tensors[f"{_peft_files.PREFIX}{module}.{a_name}"] = a_t
+        tensors[f"{_peft_files.PREFIX}{module}.{b_name}"] = b_t
+        ranks[module], alphas[module], kinds[module] = rank, alpha, kind
+    if target_modules is None:
+        target_modules = sorted(ranks)
+    for module, kind in kinds.items():
+        if not _peft_config.selects(target_modules, module, kind):
+            raise PeftFormatError(
+                f"target_modules {target_modules!r} does not select module {module!r} (adapter "
+                f"{owner[module]}) under PEFT's rules (a list entry must equal the name or a "
+                "dot-separated suffix of it; a string must match the whole name), so PEFT would "
+                "drop its adapter. Add it, or leave target_modules=None"
+            )
+    data = _peft_config.write(
+        ranks,
+        alphas,
+        rank=config.rank,
+        alpha=config.alpha,
+        use_rslora=config.use_rslora,
+        dropout=config.dropout,
+        init=config.init,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+    )
+    _peft_files.write_files(directory, tensors, data)
+
+
+def _fit(module: str, path: str, kind: Kind, leaf: Any, a: np.ndarray, b: np.ndarray) -> None:
+    shape = tuple(getattr(leaf, "shape", ()))
+    r = a.shape[0]
+    a_name, b_name = _peft_files.NAMES[kind, "A"], _peft_files.NAMES[kind, "B"]
+    if len(shape) != 2:
+        raise AdapterMismatchError(
+            f"{path} (torch module {module}): the weight has shape {shape} but PEFT's {kind} "
+            "adapter needs a 2-D weight; stacked (scanned) or multi-axis weights cannot take PEFT "
+            "adapters. Unstack or reshape the parameters, or map this module elsewhere with "
+            "module_to_path"
+        )
+    fan_in, fan_out = shape
+    if a.shape[1] != fan_in or b.shape[0] != fan_out:
+        raise AdapterMismatchError(
+            f"{path} (torch module {module}): PEFT factors {a_name} {a.shape}, {b_name} {b.shape} "
+            f"do not fit the weight of shape {shape}; expected {a_name} ({r}, {fan_in}) and "
+            f"{b_name} ({fan_out}, {r}). Were these adapters made for another model, or does "
+            "module_to_path pick the wrong weight?"
+        )
+
+
+def load(
+    directory: str | os.PathLike[str],
+    params: Any,
+    *,
+    module_to_path: Callable[[str, Kind], str] = module_to_path,
+) -> tuple[dict[str, Any], LoraConfig]:
+    """Reads a PEFT LoRA adapter as jlora adapters and a config, checked against ``params``.
+
+    Each adapter's scale is PEFT's (``lora_alpha / r`` or ``/ sqrt(r)``, with ``rank_pattern`` and
+    ``alpha_pattern`` resolved by PEFT's own matching rule), so ``merge(params, adapters)`` is the
+    model PEFT would build. The returned config targets exactly the adapted paths (escaped
+    regexes), with per-path ranks and alphas as ``rank_pattern`` / ``alpha_pattern``, so
+    ``config.scale_for(path)`` and ``jlora.init(key, params, config)`` agree with the adapters.
+    Factors come back as float32 whatever the file's dtype (float16/bfloat16 are widened exactly).
+
+    Args:
+        directory: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        params: the base parameters (arrays or ``jax.ShapeDtypeStruct``); only shapes are read.
+        module_to_path: maps a torch module's dotted name and its kind (``"linear"`` or
+            ``"embedding"``) to the Flax parameter path of its weight.
+
+    Returns:
+        ``(adapters, config)``: the adapter pytree (sparse, mirroring ``params``) and its config.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        PeftFormatError: not a LoRA adapter, a feature jlora cannot represent (DoRA, lora bias,
+            saved modules, conv layers, ...), malformed tensors, or ranks that disagree with the
+            config.
+        AdapterMismatchError: a module maps to no parameter, or its factors do not fit the weight.
+
+    Warns:
+        UserWarning: the config has keys PEFT's LoraConfig does not define (they are ignored).
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, jlora
+        >>> params = {"embed": {"embedding": jnp.ones((10, 4))}, "out": {"kernel": jnp.ones((4, 3))}}
+        >>> config = jlora.LoraConfig(targets=".*(kernel|embedding)", rank=2, alpha=4.0)
+        >>> adapters = jlora.init(jax.random.key(0), params, config)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save(d, adapters, config)
+        ...     loaded, loaded_config = load(d, params)
+        >>> loaded["out"]["kernel"].a.shape, loaded["out"]["kernel"].scale
+        ((4, 2), 2.0)
+    """
+    directory = os.fspath(directory)
+    settings = _peft_files.read_config(directory)
+    modules = _peft_files.group(
+        _peft_files.read_tensors(directory), os.path.join(directory, WEIGHTS_NAME)
+    )
+    leaves = dict(leaves_with_paths(params))
+    by_path: dict[str, tuple[str, dict[str, Any]]] = {}
+    for module, entry in modules.items():
+        kind = entry["kind"]
+        path = module_to_path(module, kind)
+        if path not in leaves:
+            closest = difflib.get_close_matches(str(path), list(leaves), n=5, cutoff=0.0)
+            raise AdapterMismatchError(
+                f"{path}: PEFT adapter of torch module {module!r} maps to this path, which the "
+                f"parameters do not have. Closest paths: {closest}. Were these adapters made for "
+                "another model? Otherwise pass module_to_path= mapping module names to this "
+                "model's parameter paths"
+            )
+        if path in by_path:
+            raise PeftFormatError(
+                f"{path}: torch modules {by_path[path][0]!r} and {module!r} both map to this path; "
+                "fix module_to_path"
+            )
+        _fit(module, path, kind, leaves[path], entry["A"], entry["B"])
+        rank, expected = entry["A"].shape[0], settings.rank_for(module)
+        if rank != expected:
+            raise PeftFormatError(
+                f"{module}: the tensors have rank {rank} but {CONFIG_NAME} gives this module rank "
+                f"{expected} (from r and rank_pattern), and PEFT would refuse the file. Fix r or "
+                "rank_pattern"
+            )
+        by_path[path] = (module, entry)
+    ordered = [p for p in leaves if p in by_path]
+    config = _config_for(ordered, by_path, settings, leaves, os.path.join(directory, CONFIG_NAME))
+    adapters = {}
+    for path in ordered:
+        module, entry = by_path[path]
+        layout = Layout(1, 1, embedding=entry["kind"] == "embedding")
+        a = jnp.asarray(np.asarray(entry["A"]).astype(np.float32).T)
+        b = jnp.asarray(np.asarray(entry["B"]).astype(np.float32).T)
+        adapters[path] = LoraFactors(a, b, config.scale_for(path), layout)
+    return nest(adapters), config
+
+
+def _config_for(
+    paths: list[str],
+    by_path: dict[str, tuple[str, dict[str, Any]]],
+    settings: _peft_config.PeftSettings,
+    leaves: dict[str, Any],
+    where: str,
+) -> LoraConfig:
+    rank_pattern, alpha_pattern, layouts = {}, {}, {}
+    for path in paths:
+        module, entry = by_path[path]
+        key = re.escape(path)
+        rank, alpha = settings.rank_for(module), settings.alpha_for(module)
+        if rank != settings.r:
+            rank_pattern[key] = rank
+        if alpha != settings.lora_alpha:
+            alpha_pattern[key] = alpha
+        embedding = entry["kind"] == "embedding"
+        if default_layout(path, tuple(leaves[path].shape)).embedding != embedding:
+            layouts[key] = "vo" if embedding else "io"
+    try:
+        return LoraConfig(
+            targets=tuple(re.escape(p) for p in paths),
+            rank=settings.r,
+            alpha=settings.lora_alpha,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            dropout=settings.lora_dropout,
+            init=settings.init,
+            use_rslora=settings.use_rslora,
+            layouts=layouts,
+        )
+    except ConfigError as e:
+        raise PeftFormatError(f"{where}: {e}") from None
