@@ -22,6 +22,18 @@ from ._merge import unmerge as unmerge
 
 __version__ = "0.1.0"
 
+# Framework integrations load on first use (`jlora.linen.lora(...)` after `import jlora`), so that
+# `import jlora` does not import Flax, orbax or safetensors.
+_SUBMODULES = ("analysis", "checkpoint", "linen", "nnx", "lowrank", "optim", "peft", "sharding")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'jlora' has no attribute {name!r}")
+
 __all__ = [
     "AdapterMismatchError",
     "ConfigError",

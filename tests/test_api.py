@@ -49,6 +49,7 @@ SUBMODULES = {
         "subspace_similarity_grid",
         "update_projection",
     ],
+    "linen": ["LoraModel", "lora"],
     "peft": [
         "CONFIG_NAME",
         "PeftFormatError",
@@ -59,6 +60,12 @@ SUBMODULES = {
         "save",
     ],
 }
+
+
+def test_submodules_load_on_attribute_access():
+    assert jlora.analysis.subspace_similarity is not None
+    with pytest.raises(AttributeError, match="module 'jlora' has no attribute 'lienn'"):
+        jlora.lienn  # noqa: B018
 
 
 @pytest.mark.parametrize("name", sorted(SUBMODULES))

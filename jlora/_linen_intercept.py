@@ -1,0 +1,235 @@
+"""The method interceptors behind :mod:`jlora.linen`, and how factors travel into a Linen model.
+
+**Factors ride in the ``params`` collection.** For each adapted weight ``.../kernel`` the transform
+puts its :class:`~jlora.LoraFactors` next to it under ``.../kernel@lora``. Flax's lifted transforms
+(``nn.scan``, ``nn.vmap``, ``nn.remat``) slice, broadcast and checkpoint a collection as a whole, so
+inside a scanned body a layer sees its own slice of its factors exactly as it sees its own slice of
+its kernel. Factors reached by closure would instead be the whole stack in every layer.
+
+An interceptor (``nn.intercept_methods``) runs around every module method: for a supported layer
+(:mod:`jlora._linen_layers`) it calls the unmodified method, reads ``<param>@lora`` from the
+module's own scope and adds the factored term. A second interceptor only records module kinds and
+layouts, for :meth:`jlora.linen.LoraModel.init_adapters`, while :func:`trace` runs the model
+abstractly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ._errors import AdapterMismatchError, MissingRngError
+from ._factors import LoraFactors
+from ._layout import Layout
+from ._linen_layers import SUPPORTED, LayerKind, Unsupported, add_term, kind_name, kind_of
+from ._merge import check_fit
+
+SUFFIX = "@lora"
+
+
+def join(owner: str, name: str) -> str:
+    """The parameter path of ``name`` in the module at ``owner`` (``''`` for the root)."""
+    return f"{owner}/{name}" if owner else name
+
+
+@dataclasses.dataclass
+class Seen:
+    """A module met while running the model: its kind and, if supported, its weight's layout."""
+
+    kind_name: str
+    kind: LayerKind | None
+    layout: Layout | Unsupported | None = None
+
+
+class Recorder:
+    """Interceptor that records every module's kind and every supported layer's layout."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Seen] = {}
+
+    def observe(self, context: nn.module.InterceptorContext, args: tuple, kwargs: dict) -> Seen:
+        module = context.module
+        path = "/".join(module.scope.path)
+        kind = kind_of(module)
+        seen = self.seen.setdefault(path, Seen(kind_name(module), kind))
+        if kind is not None and context.method_name in kind.methods:
+            try:
+                layout: Layout | Unsupported = kind.layout(
+                    module, context.method_name, args, kwargs
+                )
+            except Unsupported as e:
+                layout = e
+            if seen.layout is None or isinstance(layout, Unsupported):
+                seen.layout = layout
+            elif isinstance(seen.layout, Layout) and seen.layout != layout:
+                seen.layout = Unsupported(
+                    f"{kind.name} is called with two weight layouts ({seen.layout} and {layout}), "
+                    "so one adapter cannot fit both calls"
+                )
+        return seen
+
+    def __call__(self, next_fun, args, kwargs, context):
+        self.observe(context, args, kwargs)
+        return next_fun(*args, **kwargs)
+
+
+class Applier(Recorder):
+    """Interceptor that adds ``scale * (x a) b`` (or the layer kind's equivalent) to each output."""
+
+    def __init__(self, rate: float, rng_stream: str) -> None:
+        super().__init__()
+        self.rate = rate
+        self.rng_stream = rng_stream
+        self.used: set[str] = set()
+
+    def __call__(self, next_fun, args, kwargs, context):
+        seen = self.observe(context, args, kwargs)
+        kind, method, module = seen.kind, context.method_name, context.module
+        if kind is None or method not in kind.methods:
+            return next_fun(*args, **kwargs)
+        factors = module.get_variable("params", kind.param + SUFFIX)
+        y = next_fun(*args, **kwargs)
+        if factors is None:
+            return y
+        owner = "/".join(module.scope.path)
+        path = join(owner, kind.param)
+        layout = seen.layout
+        if isinstance(layout, Unsupported):
+            raise AdapterMismatchError(f"{path}: adapters here cannot be applied: {layout}")
+        _check_layout(path, kind, factors, layout)
+        rate = 0.0 if method in kind.undropped else self.rate
+        rng = None
+        if rate > 0:
+            if not module.has_rng(self.rng_stream):
+                raise MissingRngError(
+                    f"{path}: LoRA dropout is {rate} (train mode) but the module at '{owner}' has "
+                    f"no {self.rng_stream!r} rng stream. Inside nn.scan / nn.vmap, list it in "
+                    f"split_rngs, e.g. split_rngs={{'params': True, {self.rng_stream!r}: True}}"
+                )
+            rng = module.make_rng(self.rng_stream)
+        self.used.add(path)
+        return add_term(kind, module, method, args, kwargs, y, factors, rate, rng)
+
+
+def _check_layout(path: str, kind: LayerKind, factors: LoraFactors, layout: Layout) -> None:
+    found = (factors.layout.fan_in_ndim, factors.layout.fan_out_ndim)
+    if found != (layout.fan_in_ndim, layout.fan_out_ndim):
+        raise AdapterMismatchError(
+            f"{path}: the adapter has {found[0]} fan-in and {found[1]} fan-out axes but this "
+            f"{kind.name} weight has {layout.fan_in_ndim} and {layout.fan_out_ndim}; the adapters "
+            "were made with a wrong layout. Create them with LoraModel.init_adapters, which reads "
+            "layouts from the modules"
+        )
+
+
+def unused_reason(path: str, seen: dict[str, Seen]) -> str | None:
+    """Why the weight at ``path`` cannot be adapted, given the modules met; None if it can be.
+
+    A weight whose module never ran has no reason against it (``method=`` may run part of a
+    model).
+    """
+    owner, _, name = path.rpartition("/")
+    module = seen.get(owner)
+    if module is None:
+        return None
+    where = f"the module at '{owner}'" if owner else "the root module"
+    if module.kind is None:
+        return (
+            f"{where} is a {module.kind_name}, which jlora.linen cannot adapt; it adapts "
+            f"{SUPPORTED}. Exclude this path or narrow the targets"
+        )
+    if name != module.kind.param:
+        return (
+            f"{where} is an {module.kind.name}, whose only adaptable weight is "
+            f"{module.kind.param!r}, not {name!r}. Narrow the targets to '.*/{module.kind.param}'"
+        )
+    if isinstance(module.layout, Unsupported):
+        return str(module.layout)
+    if module.layout is None:
+        return (
+            f"{where} ({module.kind.name}) ran, but not through "
+            f"{' or '.join(module.kind.methods)}: the model reads its {name!r} directly, which "
+            "jlora cannot see. Call the module instead (e.g. embed.attend(x) for a tied head), or "
+            "exclude this path"
+        )
+    return None
+
+
+def inject(params: Any, table: dict[str, LoraFactors]) -> dict[str, Any]:
+    """A shallow copy of ``params`` with each adapter at ``<weight path>@lora``."""
+    root = dict(params)
+    copied = {id(root)}
+    for path, factors in table.items():
+        *parents, name = path.split("/")
+        node = root
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, Mapping):
+                node = None
+                break
+            if id(child) not in copied:
+                child = dict(child)
+                copied.add(id(child))
+                node[key] = child
+            node = child
+        if node is None or name not in node:
+            raise AdapterMismatchError(
+                f"{path}: the adapters have factors at this path but the params have no such "
+                "weight. Were these adapters made for another model? Create them with "
+                "LoraModel.init_adapters on this model's params"
+            )
+        check_fit(path, node[name], factors)
+        node[name + SUFFIX] = factors
+    return root
+
+
+def strip(tree: Any) -> Any:
+    """``tree`` without any ``@lora`` entries (for collections returned by ``mutable=``)."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return {k: strip(v) for k, v in tree.items() if not str(k).endswith(SUFFIX)}
+
+
+def trace(
+    model: nn.Module,
+    params: Any,
+    args: tuple,
+    kwargs: dict,
+    variables: dict[str, Any],
+    rngs: Any,
+    method: Any,
+) -> dict[str, Seen]:
+    """Runs ``model.apply`` abstractly (``jax.eval_shape``) and returns the modules it met.
+
+    Array inputs (and ``jax.ShapeDtypeStruct``) are traced; every other input (flags such as
+    ``train=True``) stays a Python value, so the model takes the same branches as in a real call.
+    """
+    recorder = Recorder()
+    flat, treedef = jax.tree.flatten((args, kwargs))
+    array_types = (jax.Array, np.ndarray, jax.ShapeDtypeStruct)
+    arrays = [i for i, x in enumerate(flat) if isinstance(x, array_types)]
+
+    def run(params, variables, leaves):
+        full = list(flat)
+        for i, leaf in zip(arrays, leaves, strict=True):
+            full[i] = leaf
+        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
+        with nn.intercept_methods(recorder):
+            return model.apply(
+                {"params": params, **variables},
+                *call_args,
+                rngs=rngs,
+                # Other collections may change (batch norm in train mode); params may not, so a
+                # model never silently creates a weight that is missing from params.
+                mutable=nn.DenyList("params"),
+                method=method,
+                **call_kwargs,
+            )
+
+    jax.eval_shape(run, params, variables, [flat[i] for i in arrays])
+    return recorder.seen

@@ -1,0 +1,333 @@
+"""LoRA for any ``flax.linen`` model, without editing its code.
+
+:func:`lora` wraps a Linen module and a :class:`jlora.LoraConfig`. Its :meth:`LoraModel.apply` takes
+the frozen ``params`` and the trainable adapters as separate arguments and returns what
+``model.apply`` returns, with every targeted layer computing (Hu et al. 2022)
+
+    h = x W0 + scale * (drop(x) a) b
+
+in factored form (:mod:`jlora.ops`): ``W0 + delta`` is never built, so a train step costs the
+frozen forward and backward plus ``O(r (fan_in + fan_out))`` per row. Adapted layer kinds:
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` (their ``kernel``) and ``nn.Embed``
+(its ``embedding``, for lookups and for ``attend``, the tied output head).
+
+Targets are regexes over the paths of ``params`` (``layers/attn/query/kernel``, no leading
+``params/``), as for :func:`jlora.init`, so the adapters of :meth:`LoraModel.init_adapters` also
+work with :func:`jlora.merge`. Weight layouts (which axes are stack, fan-in and fan-out) come from
+the module kinds, found by running the model abstractly once; users never write them.
+
+Lifted transforms: the factors travel in the ``params`` collection next to their weight, so
+``nn.scan`` (stacked layers, ``variable_axes={'params': 0}``), ``nn.vmap`` and ``nn.remat`` hand
+each layer its own slice, as they do the kernel. Other collections (``batch_stats``, ``cache``)
+pass through ``variables=``, and ``mutable=`` returns their updates as Flax does.
+
+LoRA dropout (``config.dropout``) acts on each adapter's input in train mode only, that is when
+``apply(..., lora_train=True)``. It draws from the ``'dropout'`` rng stream (``rng_stream=`` of
+:func:`lora` changes it) inside each adapted module's own scope, so the model's own dropout masks
+are unchanged. Inside ``nn.scan`` / ``nn.vmap`` the stream must be listed in ``split_rngs``, as for
+the model's own dropout. Embedding lookups take no dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from ._config import LoraConfig
+from ._errors import AdapterMismatchError, MissingRngError, TargetError
+from ._factors import init
+from ._layout import Layout
+from ._linen_intercept import Applier, inject, strip, trace, unused_reason
+from ._merge import factors_by_path
+from ._paths import leaves_with_paths
+
+__all__ = ["LoraModel", "lora"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModel:
+    """A Linen model with LoRA adapters attached at the weights a config targets.
+
+    Create it with :func:`lora`. It holds no arrays: the frozen ``params`` and the adapters are
+    arguments of every call, so ``jax.grad`` with respect to the adapters alone differentiates
+    nothing of the base.
+
+    Attributes:
+        model: the wrapped ``flax.linen`` module (unbound).
+        config: which weights to adapt and how.
+        rng_stream: the rng stream LoRA dropout draws from in train mode.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
+        >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+        >>> x = jnp.ones((2, 5))
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> adapted = jlora.linen.lora(model, jlora.LoraConfig(targets=".*kernel", rank=2))
+        >>> adapters = adapted.init_adapters(jax.random.key(1), params, x)
+        >>> bool((adapted.apply(params, adapters, x) == model.apply({"params": params}, x)).all())
+        True
+    """
+
+    model: nn.Module
+    config: LoraConfig
+    rng_stream: str = "dropout"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            model = self.model
+            if isinstance(model, type) and issubclass(model, nn.Module):
+                found = f"the class {model.__name__}"
+                fix = f"pass an instance, e.g. {model.__name__}(...)"
+            elif type(model).__module__.startswith("flax.nnx"):
+                found = f"the flax.nnx object {type(model).__name__}"
+                fix = "use jlora.nnx for flax.nnx models"
+            else:
+                found = type(model).__name__
+                fix = (
+                    "pass the nn.Module you call .init and .apply on, not its params or a function"
+                )
+            raise TypeError(f"jlora.linen.lora: expected a flax.linen Module, got {found}; {fix}")
+        if not isinstance(self.config, LoraConfig):
+            raise TypeError(
+                f"jlora.linen.lora: expected a jlora.LoraConfig, got "
+                f"{type(self.config).__name__}; build one with "
+                "jlora.LoraConfig(targets=..., rank=...)"
+            )
+        if not isinstance(self.rng_stream, str):
+            raise TypeError(f"jlora.linen.lora: rng_stream {self.rng_stream!r} is not a string")
+
+    def infer_layouts(
+        self,
+        params: Any,
+        *args: Any,
+        variables: Mapping[str, Any] | None = None,
+        rngs: Any = None,
+        method: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, str]:
+        """The layout string of every adaptable weight the example call uses.
+
+        Runs ``model.apply`` abstractly (``jax.eval_shape``: no FLOPs) and reads each layer's
+        layout from its kind and attributes, e.g. ``'sioo'`` for a DenseGeneral query kernel
+        stacked by ``nn.scan``. The strings are those of :class:`jlora.Layout` and can go into
+        ``LoraConfig.layouts`` to use :func:`jlora.init` directly.
+
+        Args:
+            params: the model's params (arrays or ``jax.ShapeDtypeStruct``).
+            *args: example inputs, as for ``model.apply``.
+            variables: other collections, e.g. ``{'batch_stats': ...}``.
+            rngs: rng streams the example call needs (e.g. the model's own dropout).
+            method: the method to run, as for ``model.apply``.
+            **kwargs: keyword inputs, as for ``model.apply``.
+
+        Returns:
+            ``{param path: layout string}`` in params order.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
+            >>> model = nn.DenseGeneral(features=(4, 8), axis=-1)
+            >>> x = jnp.ones((2, 16))
+            >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
+            >>> jlora.linen.lora(model, jlora.LoraConfig(targets="kernel")).infer_layouts(params, x)
+            {'kernel': 'ioo'}
+        """
+        seen = trace(self.model, params, args, kwargs, self._variables(variables), rngs, method)
+        out = {}
+        for path, leaf in leaves_with_paths(params):
+            owner, _, name = path.rpartition("/")
+            module = seen.get(owner)
+            if (
+                module is not None
+                and module.kind is not None
+                and name == module.kind.param
+                and isinstance(module.layout, Layout)
+            ):
+                out[path] = module.layout.spec(len(leaf.shape))
+        return out
+
+    def init_adapters(
+        self,
+        key: jax.Array,
+        params: Any,
+        *args: Any,
+        variables: Mapping[str, Any] | None = None,
+        rngs: Any = None,
+        method: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Creates adapters for the targeted weights, with layouts read from the model.
+
+        Traces ``model.apply`` on the example inputs abstractly (see :meth:`infer_layouts`), then
+        calls :func:`jlora.init` with those layouts; the result is the same sparse adapter pytree,
+        so :func:`jlora.merge` accepts it. At init the adapted model equals the base exactly.
+
+        Args:
+            key: PRNG key for the factors.
+            params: the model's params (arrays or ``jax.ShapeDtypeStruct``).
+            *args: example inputs for ``model.apply`` (only shapes and dtypes are used).
+            variables: other collections, e.g. ``{'batch_stats': ...}``.
+            rngs: rng streams the example call needs.
+            method: the method to run, as for ``model.apply``.
+            **kwargs: keyword inputs, as for ``model.apply``.
+
+        Returns:
+            ``{...: LoraFactors}``, mirroring ``params`` at the targeted weights.
+
+        Raises:
+            TargetError: a target lands on a weight jlora cannot adapt (a module kind other than
+                those supported, a bias, a grouped conv, ...), on a weight no module used in the
+                example call, or matches no path.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
+            >>> model = nn.Conv(features=6, kernel_size=(3, 3))
+            >>> x = jnp.ones((1, 8, 8, 2))
+            >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
+            >>> adapted = jlora.linen.lora(model, jlora.LoraConfig(targets="kernel", rank=2))
+            >>> f = adapted.init_adapters(jax.random.key(1), params, x)["kernel"]
+            >>> f.a.shape, f.b.shape
+            ((3, 3, 2, 2), (2, 6))
+        """
+        seen = trace(self.model, params, args, kwargs, self._variables(variables), rngs, method)
+        layouts = []
+        for path, leaf in leaves_with_paths(params):
+            if not self.config.selects(path):
+                continue
+            reason = unused_reason(path, seen)
+            owner = path.rpartition("/")[0]
+            if reason is None and owner not in seen:
+                reason = (
+                    "no module used this weight when the model ran on the example inputs; pass "
+                    "inputs (and method=) that run it, or exclude this path"
+                )
+            if reason is not None:
+                raise TargetError(f"{path}: {reason}")
+            layouts.append((re.escape(path), seen[owner].layout.spec(len(leaf.shape))))
+        config = dataclasses.replace(self.config, layouts=(*layouts, *self.config.layouts))
+        return init(key, params, config)
+
+    def apply(
+        self,
+        params: Any,
+        adapters: Any,
+        *args: Any,
+        variables: Mapping[str, Any] | None = None,
+        rngs: Any = None,
+        mutable: Any = False,
+        method: Any = None,
+        lora_train: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Runs the model with its adapters: ``model.apply`` plus ``scale * (x a) b`` per layer.
+
+        Args:
+            params: the frozen base params (no ``'params'`` wrapper).
+            adapters: adapters for these params (:meth:`init_adapters`, training, a checkpoint).
+            *args: inputs, as for ``model.apply``.
+            variables: other collections, e.g. ``{'batch_stats': ...}`` or ``{'cache': ...}``.
+            rngs: rng streams, as for ``model.apply``. LoRA dropout draws from
+                ``rngs[rng_stream]`` (``'dropout'`` by default).
+            mutable: collections to update, as for ``model.apply``.
+            method: the method to run, as for ``model.apply``.
+            lora_train: train mode for the adapters: apply LoRA dropout (``config.dropout``).
+                Independent of any ``train``/``deterministic`` argument of the model itself,
+                which goes in ``**kwargs``.
+            **kwargs: keyword inputs, as for ``model.apply``.
+
+        Returns:
+            What ``model.apply({'params': params, **variables}, ...)`` returns: the output, or
+            ``(output, updated collections)`` with ``mutable``.
+
+        Raises:
+            AdapterMismatchError: an adapter's path is not in ``params``, its shapes do not fit
+                the weight, its layout is not the module's, or it sits on a weight jlora cannot
+                adapt.
+            MissingRngError: ``lora_train=True`` with ``config.dropout > 0`` and no rng stream.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
+            >>> model = nn.Embed(num_embeddings=10, features=4)
+            >>> ids = jnp.array([[1, 2, 3]])
+            >>> params = model.init(jax.random.key(0), ids)["params"]
+            >>> adapted = jlora.linen.lora(model, jlora.LoraConfig(targets="embedding", rank=2))
+            >>> adapters = adapted.init_adapters(jax.random.key(1), params, ids)
+            >>> adapted.apply(params, adapters, ids).shape
+            (1, 3, 4)
+            >>> adapted.apply(params, adapters, jnp.ones((1, 4)), method="attend").shape
+            (1, 10)
+        """
+        variables = self._variables(variables)
+        rate = self.config.dropout if lora_train else 0.0
+        if rate > 0 and not (isinstance(rngs, Mapping) and self.rng_stream in rngs):
+            raise MissingRngError(
+                f"LoRA dropout is {rate} and lora_train=True, but rngs has no "
+                f"{self.rng_stream!r} key; pass rngs={{{self.rng_stream!r}: key}} to apply, or "
+                "lora_train=False to evaluate"
+            )
+        table = factors_by_path(adapters)
+        applier = Applier(rate, self.rng_stream)
+        with nn.intercept_methods(applier):
+            result = self.model.apply(
+                {"params": inject(params, table), **variables},
+                *args,
+                rngs=rngs,
+                mutable=mutable,
+                method=method,
+                **kwargs,
+            )
+        for path in table:
+            reason = None if path in applier.used else unused_reason(path, applier.seen)
+            if reason is not None:
+                raise AdapterMismatchError(f"{path}: adapters here cannot be applied: {reason}")
+        if mutable is not False or kwargs.get("capture_intermediates"):
+            out, state = result
+            return out, strip(state)
+        return result
+
+    def _variables(self, variables: Mapping[str, Any] | None) -> dict[str, Any]:
+        if variables is None:
+            return {}
+        if not isinstance(variables, Mapping) or "params" in variables:
+            raise ValueError(
+                "LoraModel: variables= takes the collections other than 'params' (e.g. "
+                "{'batch_stats': ...}); pass the params as the first argument"
+            )
+        return dict(variables)
+
+
+def lora(model: nn.Module, config: LoraConfig, *, rng_stream: str = "dropout") -> LoraModel:
+    """Attaches LoRA to a ``flax.linen`` model at the weights ``config`` targets.
+
+    Args:
+        model: any Linen module (unbound, as passed to ``model.init``).
+        config: which weights to adapt and how; layouts are read from the model, so
+            ``config.layouts`` is only needed for weights of modules jlora does not know.
+        rng_stream: the rng stream LoRA dropout draws from in train mode.
+
+    Returns:
+        A :class:`LoraModel`; see its ``init_adapters`` and ``apply``. Adapted layers:
+        ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed``.
+
+    Raises:
+        TypeError: ``model`` is not a Linen module (e.g. a class, a params dict, an NNX module),
+            or ``config`` is not a :class:`jlora.LoraConfig`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
+        >>> model = nn.Dense(4)
+        >>> x = jnp.ones((3, 6))
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> adapted = jlora.linen.lora(model, jlora.LoraConfig(targets="kernel", rank=2))
+        >>> adapters = adapted.init_adapters(jax.random.key(1), params, x)
+        >>> adapters = jax.tree.map(jnp.ones_like, adapters)
+        >>> merged = jlora.merge(params, adapters)
+        >>> y = adapted.apply(params, adapters, x)
+        >>> bool(jnp.allclose(y, model.apply({"params": merged}, x), atol=1e-5))
+        True
+    """
+    return LoraModel(model, config, rng_stream=rng_stream)
