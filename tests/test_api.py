@@ -49,7 +49,9 @@ SUBMODULES = {
         "subspace_similarity_grid",
         "update_projection",
     ],
+    "checkpoint": ["MergeSummary", "merge_checkpoint", "restore", "save", "save_args", "steps"],
     "linen": ["LoraModel", "lora"],
+    "optim": ["freeze_base", "labels", "lora_plus", "mask", "scale_by_lora_plus"],
     "peft": [
         "CONFIG_NAME",
         "PeftFormatError",
