@@ -13,6 +13,7 @@ the factors alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -117,18 +118,21 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
         >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
         ((6, 2), (2, 4))
     """
-    return jax.jit(init_function(params, config))(key)
+    return _draw_jit(key, tuple(select(params, config)), config)
+
+
+def _draw(key: jax.Array, targets: tuple[Target, ...], config: LoraConfig) -> dict[str, Any]:
+    return nest({t.path: _init_factors(_path_key(key, t.path), t, config) for t in targets})
+
+
+# Targets and config are hashable, so repeated inits of one model reuse one compiled draw.
+_draw_jit = jax.jit(_draw, static_argnums=(1, 2))
 
 
 def init_function(params: Any, config: LoraConfig) -> Callable[[jax.Array], dict[str, Any]]:
     """``key -> adapters`` for these params and config, validated now, to be jitted by the caller.
 
-    One jitted function draws every factor, so :func:`init` and its sharded variant, which differ
-    only in output shardings, produce bit-identical factors.
+    One function draws every factor, so :func:`init` and its sharded variant, which differ only in
+    output shardings, produce bit-identical factors.
     """
-    targets = select(params, config)
-
-    def draw(key: jax.Array) -> dict[str, Any]:
-        return nest({t.path: _init_factors(_path_key(key, t.path), t, config) for t in targets})
-
-    return draw
+    return functools.partial(_draw, targets=tuple(select(params, config)), config=config)
