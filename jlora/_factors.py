@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -66,27 +66,68 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _init_factors(key: jax.Array, target: Target, config: LoraConfig) -> LoraFactors:
-    dtype = jnp.dtype(config.dtype)
-    layout = target.layout
-    a_shape, b_shape = layout.factor_shapes(target.shape, target.rank)
-    _, fan_in, _ = layout.split(target.shape)
-    if layout.embedding:
+def _draw_pair(
+    key: jax.Array,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    fan_in: int,
+    embedding: bool,
+    scheme: str,
+    dtype: str,
+) -> tuple[jax.Array, jax.Array]:
+    if embedding:
         # A lookup reads few rows of `a`, so `a = 0` and `b` random keeps init the identity while
         # every row still gets a gradient through `b`.
-        a = jnp.zeros(a_shape, dtype)
-        if config.init == "gaussian":
+        if scheme == "gaussian":
             b = jax.random.normal(key, b_shape, dtype)
         else:
-            bound = 1.0 / math.sqrt(target.rank)
+            bound = 1.0 / math.sqrt(a_shape[-1])
             b = jax.random.uniform(key, b_shape, dtype, -bound, bound)
-        return LoraFactors(a, b, target.scale, layout)
-    bound = 1.0 / math.sqrt(math.prod(fan_in))
-    if config.init == "gaussian":
+        return jnp.zeros(a_shape, dtype), b
+    bound = 1.0 / math.sqrt(fan_in)
+    if scheme == "gaussian":
         a = bound * jax.random.normal(key, a_shape, dtype)
     else:
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    return LoraFactors(a, jnp.zeros(b_shape, dtype), target.scale, layout)
+    return a, jnp.zeros(b_shape, dtype)
+
+
+_STATIC = (1, 2, 3, 4, 5, 6)
+# One small compiled draw per distinct factor shape: a transformer's many layers share a handful.
+# (One jitted draw of every factor at once compiles in time that grows with the model.)
+_draw_pair_jit = jax.jit(_draw_pair, static_argnums=_STATIC)
+
+
+def draw(
+    key: jax.Array,
+    targets: Sequence[Target],
+    config: LoraConfig,
+    shardings: Mapping[str, tuple[Any, Any]] | None = None,
+) -> dict[str, Any]:
+    """Initial factors for validated targets, optionally straight onto ``{path: (a, b)}`` shardings.
+
+    The same jitted draw runs with or without shardings, so sharded and unsharded init are
+    bit-identical.
+    """
+    out = {}
+    for t in targets:
+        a_shape, b_shape = t.layout.factor_shapes(t.shape, t.rank)
+        _, fan_in, _ = t.layout.split(t.shape)
+        static = (
+            a_shape,
+            b_shape,
+            math.prod(fan_in),
+            t.layout.embedding,
+            config.init,
+            config.dtype,
+        )
+        if shardings is None:
+            fn = _draw_pair_jit
+        else:
+            fn = jax.jit(_draw_pair, static_argnums=_STATIC, out_shardings=shardings[t.path])
+        a, b = fn(_path_key(key, t.path), *static)
+        out[t.path] = LoraFactors(a, b, t.scale, t.layout)
+    return nest(out)
 
 
 def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
@@ -118,21 +159,10 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
         >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
         ((6, 2), (2, 4))
     """
-    return _draw_jit(key, tuple(select(params, config)), config)
-
-
-def _draw(key: jax.Array, targets: tuple[Target, ...], config: LoraConfig) -> dict[str, Any]:
-    return nest({t.path: _init_factors(_path_key(key, t.path), t, config) for t in targets})
-
-
-# Targets and config are hashable, so repeated inits of one model reuse one compiled draw.
-_draw_jit = jax.jit(_draw, static_argnums=(1, 2))
+    return draw(key, select(params, config), config)
 
 
 def init_function(params: Any, config: LoraConfig) -> Callable[[jax.Array], dict[str, Any]]:
-    """``key -> adapters`` for these params and config, validated now, to be jitted by the caller.
-
-    One function draws every factor, so :func:`init` and its sharded variant, which differ only in
-    output shardings, produce bit-identical factors.
-    """
-    return functools.partial(_draw, targets=tuple(select(params, config)), config=config)
+    """``key -> adapters`` for these params and config, validated now."""
+    targets = select(params, config)
+    return functools.partial(draw, targets=targets, config=config)

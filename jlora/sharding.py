@@ -9,6 +9,10 @@ so ``x a`` contracts ``a`` exactly as ``x W0`` contracts ``W0`` (same collective
 axes), ``(x a) b`` produces outputs laid out like ``x W0``'s, and the rank axis, which is tiny, is
 replicated. Stack axes (scanned layers, experts) follow the base. Nothing here gathers or
 replicates a base weight: ``init`` creates each factor directly on its sharding.
+
+Factor shardings built some other way (logical-axis rules, a checkpoint's metadata) can be checked
+with :func:`check_factor_shardings`: the rank axis must stay replicated, since every device needs
+the whole rank-``r`` intermediate ``x a``.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError
-from ._factors import LoraFactors, init_function
+from ._factors import LoraFactors, draw
 from ._merge import factors_by_path
 from ._paths import leaves_with_paths, nest
+from ._targets import select
 
-__all__ = ["factor_shardings", "factor_specs", "init"]
+__all__ = ["check_factor_shardings", "factor_shardings", "factor_specs", "init"]
 
 
 def _is_spec(x: Any) -> bool:
@@ -141,33 +146,126 @@ def factor_shardings(adapters: Any, param_shardings: Any, mesh: Mesh | None = No
     return nest(out)
 
 
-def _check_axes(path: str, spec: PartitionSpec, mesh: Mesh) -> None:
+def _check_axes(where: str, spec: PartitionSpec, mesh: Mesh) -> None:
     for entry in spec:
         for axis in entry if isinstance(entry, tuple) else (entry,):
             if axis is not None and axis not in mesh.axis_names:
                 raise AdapterMismatchError(
-                    f"{path}: PartitionSpec {spec} names mesh axis {axis!r} but the mesh has axes "
+                    f"{where}: PartitionSpec {spec} names mesh axis {axis!r} but the mesh has axes "
                     f"{mesh.axis_names}; fix the spec or the mesh"
                 )
 
 
+def _is_placement(x: Any) -> bool:
+    return isinstance(x, jax.sharding.Sharding | PartitionSpec) or x is None
+
+
+def check_factor_shardings(adapters: Any, shardings: Any, mesh: Mesh | None = None) -> None:
+    """Checks factor shardings made by hand (or by other rules) before they reach ``jax.jit``.
+
+    Each factor needs a ``NamedSharding`` (or, with ``mesh``, a ``PartitionSpec``) with at most
+    one entry per factor axis, naming only axes of its mesh, and leaving the rank axis (the last
+    axis of ``a``, the first after the stack axes of ``b``) replicated. Shardings from
+    :func:`factor_shardings` always pass.
+
+    Args:
+        adapters: the adapter pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+        shardings: a pytree like ``adapters`` holding a sharding at each factor: ``LoraFactors``
+            nodes of shardings (as :func:`factor_shardings` returns, or
+            ``jax.tree.map(lambda x: x.sharding, adapters)``), or ``{"a": ..., "b": ...}`` dicts.
+        mesh: the mesh for ``PartitionSpec`` leaves.
+
+    Raises:
+        AdapterMismatchError: a factor has no sharding, one of an unexpected type, a spec longer
+            than the factor, an axis the mesh lacks, or a sharded rank axis. The message names
+            the adapter path and the factor.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, jlora
+        >>> from jax.sharding import Mesh, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+        >>> adapters = jlora.init(jax.random.key(0), {"w": jnp.zeros((8, 4))},
+        ...                       jlora.LoraConfig(targets="w", rank=2))
+        >>> check_factor_shardings(adapters, {"w": {"a": P("model", None), "b": P()}}, mesh)
+        >>> check_factor_shardings(adapters, {"w": {"a": P(None, "model"), "b": P()}}, mesh)
+        Traceback (most recent call last):
+        ...
+        jlora._errors.AdapterMismatchError: w: factor a has PartitionSpec P(None, 'model'), which shards the rank axis ...
+    """
+    given = {}
+    for path, leaf in leaves_with_paths(shardings, is_leaf=_is_placement):
+        owner, _, name = path.rpartition("/")
+        if name in ("a", "b"):
+            given[(owner, name)] = leaf
+    for path, f in factors_by_path(adapters).items():
+        rank_axis = {"a": f.a.ndim - 1, "b": f.b.ndim - 1 - f.layout.fan_out_ndim}
+        for name in ("a", "b"):
+            if (path, name) not in given:
+                raise AdapterMismatchError(
+                    f"{path}: factor {name} has no sharding in shardings; expected a tree like the "
+                    "adapters with a sharding at every factor, e.g. "
+                    "jlora.sharding.factor_shardings(adapters, param_shardings)"
+                )
+            where = f"{path}: factor {name}"
+            _check_factor(where, getattr(f, name), given[(path, name)], mesh, rank_axis[name])
+
+
+def _check_factor(where: str, x: Any, placement: Any, mesh: Mesh | None, rank_axis: int) -> None:
+    if isinstance(placement, NamedSharding):
+        spec, mesh = placement.spec, placement.mesh
+    elif isinstance(placement, PartitionSpec):
+        if mesh is None:
+            raise AdapterMismatchError(
+                f"{where}: PartitionSpec {placement} needs a mesh; pass mesh= or a NamedSharding"
+            )
+        spec = placement
+    else:
+        raise AdapterMismatchError(
+            f"{where}: expected a NamedSharding or, with mesh=, a PartitionSpec; found "
+            f"{type(placement).__name__}"
+        )
+    if len(spec) > x.ndim:
+        raise AdapterMismatchError(
+            f"{where} has PartitionSpec {spec} with {len(spec)} entries but only {x.ndim} axes "
+            f"(shape {tuple(x.shape)}); give at most one entry per axis"
+        )
+    _check_axes(where, spec, mesh)
+    entry = spec[rank_axis] if rank_axis < len(spec) else None
+    if entry is not None:
+        raise AdapterMismatchError(
+            f"{where} has PartitionSpec {spec}, which shards the rank axis (axis {rank_axis} of "
+            f"shape {tuple(x.shape)}) over mesh axis {entry!r}; the rank axis must be replicated, "
+            "since every device needs the whole rank-r product x a. Derive factor shardings from "
+            "the base weights' with jlora.sharding.factor_shardings"
+        )
+
+
 def init(
-    key: jax.Array, params: Any, config: LoraConfig, param_shardings: Any | None = None
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    param_shardings: Any | None = None,
+    *,
+    mesh: Mesh | None = None,
 ) -> Any:
     """Like :func:`jlora.init`, but creates each factor directly on its sharding.
 
-    The factors are produced by one jitted computation whose outputs are laid out by
+    Each factor is drawn by a jitted computation whose output is laid out by
     :func:`factor_shardings`: no host round trip and no full replica of anything.
 
     Args:
         key: a PRNG key.
         params: the base params: sharded arrays, or abstract leaves when ``param_shardings`` is given.
         config: which weights to adapt and how.
-        param_shardings: a pytree of NamedShardings like ``params``; by default each array's own
-            ``.sharding``.
+        param_shardings: a pytree like ``params`` of NamedShardings (or, with ``mesh``,
+            PartitionSpecs); by default each array's own ``.sharding``.
+        mesh: the mesh for PartitionSpec leaves of ``param_shardings``.
 
     Returns:
         The adapter pytree, equal to ``jlora.init(key, params, config)``, sharded.
+
+    Raises:
+        AdapterMismatchError: as for :func:`factor_shardings`.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np, jlora
@@ -180,6 +278,8 @@ def init(
     """
     if param_shardings is None:
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    draw = init_function(params, config)
-    out_shardings = factor_shardings(jax.eval_shape(draw, key), param_shardings)
-    return jax.jit(draw, out_shardings=out_shardings)(key)
+    targets = select(params, config)
+    abstract = jax.eval_shape(lambda k: draw(k, targets, config), key)
+    shardings = factor_shardings(abstract, param_shardings, mesh)
+    table = {path: (f.a, f.b) for path, f in factors_by_path(shardings).items()}
+    return draw(key, targets, config, shardings=table)

@@ -37,7 +37,7 @@ def test_top_level_surface():
 
 SUBMODULES = {
     "ops": ["attend_branch", "conv_branch", "dense_branch", "dropout", "lookup_branch"],
-    "sharding": ["factor_shardings", "factor_specs", "init"],
+    "sharding": ["check_factor_shardings", "factor_shardings", "factor_specs", "init"],
     "analysis": [
         "UpdateProjection",
         "adapter_tuning_param_count",

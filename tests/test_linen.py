@@ -17,16 +17,6 @@ from jlora import AdapterMismatchError, LoraConfig, MissingRngError, TargetError
 CASES = {c.name: c for c in cases()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    # XLA's optimisation passes dominate this module's run time on CPU; the checks here are of
-    # jaxprs and of numerics that hold at any optimisation level, so compile with few passes.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _split(variables):
     return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 

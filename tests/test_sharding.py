@@ -1,7 +1,10 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sharded_decoder as sd
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from trees import random_factors, transformer_params
@@ -115,3 +118,132 @@ def test_merge_keeps_every_weight_on_its_sharding(mesh):
     expected = jlora.merge(params, jax.device_get(adapters))
     for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+# The scanned decoder: stacked (layers, ...) weights, 2-D sharded --------------------------------
+
+
+def test_merge_keeps_the_sharding_of_stacked_scanned_weights(mesh):
+    params = sd.params()
+    # FSDP x TP: each kernel split over both mesh axes, behind the unsharded layer axis.
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), sd.specs(params, fsdp="data"))
+    sharded_params = jax.device_put(params, shardings)
+    targets = ("layers/attn/query/kernel", "layers/attn/out/kernel")  # column- and row-parallel
+    config = dataclasses.replace(sd.CONFIG, targets=targets)
+    adapters = random_factors(jlora.init(jax.random.key(0), params, config))
+    factor_shardings = lsh.factor_shardings(adapters, shardings)
+    q, out = (factor_shardings["layers"]["attn"][name]["kernel"] for name in ("query", "out"))
+    assert q.a.spec == P(None, "data", None) and q.b.spec == P(None, None, "model", None)
+    assert out.a.spec == P(None, "model", None, None) and out.b.spec == P(None, None, "data")
+    merged = jlora.merge(sharded_params, jax.device_put(adapters, factor_shardings))
+    for m, s in zip(jax.tree.leaves(merged), jax.tree.leaves(shardings), strict=True):
+        assert m.sharding == s
+    assert merged["layers"]["attn"]["out"]["kernel"].addressable_shards[0].data.shape == (
+        3,
+        1,
+        6,
+        8,
+    )
+    for name in ("query", "out"):
+        f = adapters["layers"]["attn"][name]["kernel"]
+        w = params["layers"]["attn"][name]["kernel"]
+        a = f.a.astype(np.float64).reshape(3, -1, sd.RANK)
+        b = f.b.astype(np.float64).reshape(3, sd.RANK, -1)
+        want = w + f.scale * np.matmul(a, b).reshape(w.shape)  # float64 reference
+        np.testing.assert_allclose(
+            merged["layers"]["attn"][name]["kernel"], want, rtol=1e-6, atol=1e-6
+        )
+    assert merged["layers"]["up"]["kernel"] is sharded_params["layers"]["up"]["kernel"]
+
+
+def test_init_takes_partition_specs_with_a_mesh(mesh):
+    params = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)}  # abstract: nothing allocated
+    config = LoraConfig(targets="w", rank=2)
+    adapters = lsh.init(jax.random.key(0), params, config, {"w": P("model", None)}, mesh=mesh)
+    assert adapters["w"].a.sharding == NamedSharding(mesh, P("model", None))
+    np.testing.assert_array_equal(
+        adapters["w"].a, jlora.init(jax.random.key(0), params, config)["w"].a
+    )
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^w: PartitionSpec P\('tensor', None\) names mesh axis 'tensor' but the mesh has "
+        r"axes \('data', 'model'\)",
+    ):
+        lsh.init(jax.random.key(0), params, config, {"w": P("tensor", None)}, mesh=mesh)
+
+
+# check_factor_shardings ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stacked():
+    params = {"blocks": {"q": {"kernel": jnp.zeros((2, 8, 4, 2))}}}  # (layers, d, heads, head_dim)
+    config = LoraConfig(targets=".*kernel", rank=2, layouts={".*": "sioo"})
+    return jlora.init(jax.random.key(0), params, config)
+
+
+def test_derived_and_actual_factor_shardings_pass_the_check(mesh, stacked):
+    spec = {"blocks": {"q": {"kernel": P(None, "data", "model", None)}}}
+    derived = lsh.factor_shardings(stacked, spec, mesh)
+    lsh.check_factor_shardings(stacked, derived)
+    placed = jax.device_put(stacked, derived)
+    lsh.check_factor_shardings(placed, jax.tree.map(lambda x: x.sharding, placed))
+    specs = {"blocks": {"q": {"kernel": {"a": P(None, "data"), "b": P(None, None, "model")}}}}
+    lsh.check_factor_shardings(stacked, specs, mesh)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        (
+            P(None, None, "model"),
+            P(),
+            r"^blocks/q/kernel: factor a has PartitionSpec P\(None, None, 'model'\), which shards "
+            r"the rank axis \(axis 2 of shape \(2, 8, 2\)\) over mesh axis 'model'; the rank axis "
+            r"must be replicated",
+        ),
+        (
+            P(),
+            P(None, ("data", "model")),
+            r"^blocks/q/kernel: factor b has PartitionSpec .*, which shards the rank axis \(axis 1 "
+            r"of shape \(2, 2, 4, 2\)\) over mesh axis \('data', 'model'\)",
+        ),
+        (
+            P("layers"),
+            P(),
+            r"^blocks/q/kernel: factor a: PartitionSpec P\('layers',\) names mesh axis 'layers' "
+            r"but the mesh has axes \('data', 'model'\)",
+        ),
+        (
+            P(None, None, None, None),
+            P(),
+            r"^blocks/q/kernel: factor a has PartitionSpec .* with 4 entries but only 3 axes "
+            r"\(shape \(2, 8, 2\)\)",
+        ),
+        (
+            P(),
+            "model",
+            r"^blocks/q/kernel: factor b: expected a NamedSharding or, with mesh=, a "
+            r"PartitionSpec; found str",
+        ),
+    ],
+)
+def test_bad_factor_shardings(mesh, stacked, a, b, message):
+    shardings = {"blocks": {"q": {"kernel": {"a": a, "b": b}}}}
+    with pytest.raises(AdapterMismatchError, match=message):
+        lsh.check_factor_shardings(stacked, shardings, mesh)
+
+
+def test_factor_shardings_missing_or_without_a_mesh(mesh, stacked):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^blocks/q/kernel: factor b has no sharding in shardings; expected a tree like the "
+        r"adapters",
+    ):
+        lsh.check_factor_shardings(stacked, {"blocks": {"q": {"kernel": {"a": P()}}}}, mesh)
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^blocks/q/kernel: factor a: PartitionSpec P\(\) needs a mesh; pass mesh= or a "
+        r"NamedSharding",
+    ):
+        lsh.check_factor_shardings(stacked, {"blocks": {"q": {"kernel": {"a": P(), "b": P()}}}})
