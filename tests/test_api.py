@@ -51,6 +51,8 @@ SUBMODULES = {
     ],
     "checkpoint": ["MergeSummary", "merge_checkpoint", "restore", "save", "save_args", "steps"],
     "linen": ["LoraModel", "lora"],
+    "lowrank": ["LowRankDense", "LowRankLinear", "init_factors"],
+    "nnx": ["LoraParam", "lora", "merge", "set_adapters", "to_adapters", "to_state"],
     "optim": ["freeze_base", "labels", "lora_plus", "mask", "scale_by_lora_plus"],
     "peft": [
         "CONFIG_NAME",

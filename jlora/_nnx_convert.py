@@ -1,0 +1,250 @@
+"""Between an adapted NNX model and the functional world: factor state, adapters, merged model.
+
+An adapted layer's factors live in :class:`LoraParam` variables ``lora_a``/``lora_b`` whose metadata
+holds the static ``scale``, ``layout`` and adapted attribute, so a factor state alone converts to
+:class:`jlora.LoraFactors` at the weight's path (``<module path>/<weight>``), the same path the
+weight has in ``nnx.state(model, nnx.Param)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import jax
+from flax import nnx
+
+from ._errors import AdapterMismatchError
+from ._factors import LoraFactors
+from ._merge import _combine, check_fit, factors_by_path
+from ._nnx_adapted import LoraParam, detach, weight_of
+from ._nnx_kinds import factors_of
+from ._paths import nest
+
+M = TypeVar("M", bound=nnx.Module)
+Parts = tuple[Any, ...]
+
+
+def check_module(model: Any, where: str) -> None:
+    """Raises ``TypeError`` unless ``model`` is an ``nnx.Module``."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"jlora.nnx.{where}: expected a flax.nnx.Module, got {type(model).__name__}. For a "
+            "flax.linen module use jlora.linen; for a parameter pytree use jlora.init / jlora.merge"
+        )
+
+
+def flat_variables(state: Any) -> list[tuple[Parts, Any]]:
+    """``[(path parts, Variable), ...]`` of a state, in order (keys as NNX has them: str or int)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), v) for p, v in flat]
+
+
+def join(parts: Parts) -> str:
+    """Path parts as the functional core writes paths: ``blocks/0/attn/query/kernel``."""
+    return "/".join(str(p) for p in parts)
+
+
+def node(root: Any, parts: Parts) -> Any:
+    """The object at ``parts`` below ``root`` (attributes of modules, items of lists and dicts)."""
+    current = root
+    for key in parts:
+        if isinstance(current, Mapping) or isinstance(key, int):
+            current = current[key]
+        else:
+            current = getattr(current, key)
+    return current
+
+
+def adapted(model: Any) -> dict[str, tuple[Parts, Any]]:
+    """``{weight path: (module path parts, module)}`` for every adapted layer of ``model``."""
+    out = {}
+    for parts, var in flat_variables(nnx.state(model, LoraParam)):
+        if parts[-1] == "lora_a":
+            module = node(model, parts[:-1])
+            out[join((*parts[:-1], var.get_metadata()["lora_weight"]))] = (parts[:-1], module)
+    return out
+
+
+def to_adapters(source: nnx.Module | Any) -> dict[str, Any]:
+    """The functional adapter pytree (as :func:`jlora.init` makes) of a model or factor state.
+
+    Args:
+        source: an adapted ``nnx.Module``, or a state holding its :class:`LoraParam` variables
+            (``nnx.state(model, LoraParam)``, or the factor state of ``nnx.split``).
+
+    Returns:
+        A nested dict with a :class:`jlora.LoraFactors` at each adapted weight path, sharing the
+        factors' arrays, so ``jlora.merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        to_adapters(model))`` is the merged parameter tree.
+
+    Raises:
+        AdapterMismatchError: the state holds one factor of a pair without the other.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jlora, jlora.nnx
+        >>> model = jlora.nnx.lora(
+        ...     nnx.Linear(6, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(targets="kernel", rank=2), rngs=0
+        ... )
+        >>> to_adapters(model)["kernel"].a.shape
+        (6, 2)
+    """
+    state = nnx.state(source, LoraParam) if isinstance(source, nnx.Module) else source
+    pairs: dict[Parts, dict[str, Any]] = {}
+    for parts, var in flat_variables(state):
+        if isinstance(var, LoraParam):
+            pairs.setdefault(parts[:-1], {})[parts[-1]] = var
+    table = {}
+    for owner, pair in pairs.items():
+        if set(pair) != {"lora_a", "lora_b"}:
+            raise AdapterMismatchError(
+                f"{join(owner)}: the state holds {sorted(pair)} but an adapter needs both "
+                "'lora_a' and 'lora_b'; take the state with nnx.state(model, jlora.nnx.LoraParam)"
+            )
+        meta = pair["lora_a"].get_metadata()
+        table[join((*owner, meta["lora_weight"]))] = LoraFactors(
+            pair["lora_a"].get_value(),
+            pair["lora_b"].get_value(),
+            meta["lora_scale"],
+            meta["lora_layout"],
+        )
+    return nest(table)
+
+
+def to_state(model: nnx.Module, adapters: Any) -> Any:
+    """The :class:`LoraParam` state of ``model`` with the factors of ``adapters`` in it.
+
+    The result has the structure of ``nnx.state(model, LoraParam)``, for ``nnx.update(model,
+    state)`` or ``nnx.merge(graphdef, state, rest)``. The adapters may differ from the model's in
+    rank, scale and dtype, but must cover exactly its adapted weights, with their layouts.
+
+    Args:
+        model: an adapted ``nnx.Module``.
+        adapters: functional adapters for it (from :func:`jlora.init`, :func:`to_adapters`,
+            training, or a checkpoint).
+
+    Returns:
+        The factor state.
+
+    Raises:
+        AdapterMismatchError: an adapter has no adapted layer at its path, an adapted layer has no
+            adapter, or factors do not fit their weight.
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> import jlora, jlora.nnx
+        >>> model = jlora.nnx.lora(
+        ...     nnx.Linear(6, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(targets="kernel", rank=2), rngs=0
+        ... )
+        >>> ones = jax.tree.map(jax.numpy.ones_like, to_adapters(model))
+        >>> float(to_state(model, ones)["lora_b"].get_value().sum())
+        8.0
+    """
+    check_module(model, "to_state")
+    table = factors_by_path(adapters)
+    layers = adapted(model)
+    for path in table:
+        if path not in layers:
+            raise AdapterMismatchError(
+                f"{path}: the adapters have factors here but the model has no adapted layer at "
+                f"this path (adapted: {sorted(layers)[:8]}). Were these adapters made for "
+                "another model or config?"
+            )
+    for path, (_, module) in layers.items():
+        if path not in table:
+            raise AdapterMismatchError(
+                f"{path}: the model has an adapted layer here but the adapters have no factors "
+                "for it; pass adapters for every adapted layer (jlora.nnx.to_adapters(model) "
+                "lists them)"
+            )
+        factors, own = table[path], factors_of(module)
+        if factors.layout != own.layout:
+            raise AdapterMismatchError(
+                f"{path}: adapter layout {factors.layout} differs from the layer's {own.layout}; "
+                "were these adapters made for another model?"
+            )
+        check_fit(path, weight_of(module).get_value(), factors)
+
+    def replace(key_path: Any, var: Any) -> Any:
+        parts = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+        path = join((*parts[:-1], var.get_metadata()["lora_weight"]))
+        factors = table[path]
+        value = factors.a if parts[-1] == "lora_a" else factors.b
+        meta = {**var.get_metadata(), "lora_scale": factors.scale, "lora_layout": factors.layout}
+        return LoraParam(value, **meta)
+
+    return jax.tree_util.tree_map_with_path(
+        replace, nnx.state(model, LoraParam), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def set_adapters(model: nnx.Module, adapters: Any) -> None:
+    """Loads functional adapters into an adapted model in place (validated :func:`to_state`).
+
+    Args:
+        model: an adapted ``nnx.Module``.
+        adapters: adapters covering exactly its adapted weights.
+
+    Raises:
+        AdapterMismatchError: as :func:`to_state`.
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> import jlora, jlora.nnx
+        >>> model = jlora.nnx.lora(
+        ...     nnx.Linear(6, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(targets="kernel", rank=2), rngs=0
+        ... )
+        >>> set_adapters(model, jax.tree.map(jax.numpy.ones_like, to_adapters(model)))
+        >>> float(model.lora_a.get_value().sum())
+        12.0
+    """
+    nnx.update(model, to_state(model, adapters))
+
+
+def merge(model: M, *, copy: bool = True) -> M:
+    """A plain model with the adapters folded in: ``W = W0 + scale * a @ b``, no LoRA left.
+
+    Each adapted layer becomes an instance of its original class again (``nnx.Linear``, ...) with
+    no :class:`LoraParam` and no dropout attributes, and its weight is ``W0 + delta`` formed in
+    float32 with ``Precision.HIGHEST`` and rounded once to the weight's dtype, as
+    :func:`jlora.merge` does. Every other variable is unchanged.
+
+    Args:
+        model: an adapted ``nnx.Module``.
+        copy: merge a copy (default) and leave ``model`` adapted; with ``copy=False`` the model
+            itself is merged and returned.
+
+    Returns:
+        The merged model.
+
+    Raises:
+        TypeError: ``model`` is not an ``nnx.Module``.
+        AdapterMismatchError: a layer's factors do not fit its weight.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jlora, jlora.nnx
+        >>> model = jlora.nnx.lora(
+        ...     nnx.Linear(6, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(targets="kernel", rank=2), rngs=0
+        ... )
+        >>> model.lora_b.set_value(jnp.ones((2, 4)))
+        >>> merged = merge(model)
+        >>> type(merged).__name__, bool(jnp.allclose(merged(jnp.ones((1, 6))), model(jnp.ones((1, 6)))))
+        ('Linear', True)
+    """
+    check_module(model, "merge")
+    if copy:
+        model = nnx.clone(model)
+    for path, (_, module) in adapted(model).items():
+        weight, factors = weight_of(module), factors_of(module)
+        w0 = weight.get_value()
+        check_fit(path, w0, factors)
+        weight.set_value(_combine(w0, factors, subtract=False))  # exactly jlora.merge's rule
+        detach(module)
+    return model

@@ -1,0 +1,256 @@
+"""The NNX layer kinds jlora adapts: each one's weight, its layout, and its factored LoRA term.
+
+A kind knows, from the module's own attributes, which axes of its weight are fan-in and fan-out
+(so users never write a layout), and computes the adapter's term of the layer output through
+:mod:`jlora.ops`:
+
+* ``nnx.Linear``: kernel ``(in, out)``, layout ``"io"``.
+* ``nnx.LinearGeneral``: kernel ``(*in_features, *out_features)``; the input's ``axis`` axes are
+  moved last (in sorted order, the order ``dot_general`` contracts them in).
+* ``nnx.Einsum``: each kernel letter is *shared* (in the input and the output: a stack axis ``s``
+  with one adapter per index, e.g. per head), *contracted* (input only: fan-in) or *produced*
+  (output only: fan-out). The kernel's letters must come in that order.
+* ``nnx.Conv``: kernel ``(*window, c_in, c_out)``, layout ``"i" * (window + 1) + "o"``.
+* ``nnx.Embed``: table ``(vocab, features)``, layout ``"vo"``; both the lookup and ``attend``.
+
+Leading weight axes beyond the layer's own (``nnx.vmap``-created stacks of layers) are stack axes:
+``nnx.scan`` slices them off the kernel and the factors alike, so each step sees its own slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import ops
+from ._errors import AdapterMismatchError, TargetError
+from ._factors import LoraFactors
+
+SUPPORTED = "nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed"
+
+Term = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One adaptable layer kind.
+
+    Attributes:
+        name: the kind as users write it (``"nnx.Linear"``).
+        weight: the attribute holding the adapted weight.
+        spec: ``(module, path) -> layout string`` of one layer's weight (no stack axes); raises
+            :class:`TargetError` for configurations jlora cannot adapt.
+        term: ``(module, x, y_dtype, factors, rate, rng, *args, **kwargs) -> LoRA term``, given
+            the layer's input and call arguments; added to the base output.
+    """
+
+    name: str
+    weight: str
+    spec: Callable[[Any, str], str]
+    term: Term
+
+
+def _floating(x: jax.Array, dtype: Any) -> jax.Array:
+    # The base layer promotes its input to its output dtype; the LoRA term follows it so the two
+    # add without mixing dtypes.
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+
+def _linear_term(module, x, dtype, f, rate, rng, *args, **kwargs):
+    return ops.dense_branch(_floating(x, dtype), f, dropout_rate=rate, rng=rng)
+
+
+def _linear_general_spec(module: nnx.LinearGeneral, path: str) -> str:
+    if module.batch_axis:
+        raise TargetError(
+            f"{path}: nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported "
+            "(its kernel axes are indexed by the input's batch axes); exclude this path"
+        )
+    return "i" * len(module.in_features) + "o" * len(module.out_features)
+
+
+def _linear_general_term(module, x, dtype, f, rate, rng, *args, **kwargs):
+    axes = sorted(a % x.ndim for a in module.axis)
+    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    return ops.dense_branch(_floating(x, dtype), f, dropout_rate=rate, rng=rng)
+
+
+def _einsum_parts(equation: str, path: str) -> tuple[str, str, str, str]:
+    """``(lhs, kernel, out, letter kinds of the kernel)``, validated for LoRA."""
+    equation = equation.replace(" ", "")
+    operands, _, out = equation.partition("->")
+    lhs, _, kernel = operands.partition(",")
+    problem = None
+    if "..." in kernel:
+        problem = "its kernel operand has an ellipsis"
+    else:
+        kinds = "".join(
+            ("s" if c in out else "i") if c in lhs else ("o" if c in out else "?") for c in kernel
+        )
+        if "?" in kinds:
+            problem = "a kernel axis is summed away (in neither the input nor the output)"
+        elif not re.fullmatch(r"s*i+o+", kinds):
+            problem = (
+                f"its kernel axes {kernel!r} are {kinds!r} (s shared, i contracted, o produced); "
+                "jlora needs them in the order shared, contracted, produced, e.g. "
+                "'btd,dhk->bthk' or 'bthk,hkj->bthj'"
+            )
+    if problem:
+        raise TargetError(
+            f"{path}: nnx.Einsum {equation!r} cannot be adapted: {problem}. Exclude this path"
+        )
+    return lhs, kernel, out, kinds
+
+
+def _einsum_spec(module: nnx.Einsum, path: str) -> str:
+    return _einsum_parts(module.einsum_str, path)[3]
+
+
+def _einsum_term(module, x, dtype, f, rate, rng, *args, **kwargs):
+    equation = (args[0] if args else kwargs.get("einsum_str")) or module.einsum_str
+    path = getattr(module, "lora_path", "nnx.Einsum")
+    lhs, kernel, out, kinds = _einsum_parts(equation, path)
+    if kinds.count("i") != f.layout.fan_in_ndim or f.a.ndim != len(kernel) - kinds.count("o") + 1:
+        raise AdapterMismatchError(
+            f"{path}: einsum {equation!r} does not fit the adapter (factors a {f.a.shape}, layout "
+            f"{f.layout}); call the layer with the equation it was adapted with, one layer at a "
+            "time (nnx.scan slices stacked factors)"
+        )
+    shared = "".join(c for c, k in zip(kernel, kinds, strict=True) if k == "s")
+    contracted = "".join(c for c, k in zip(kernel, kinds, strict=True) if k == "i")
+    produced = "".join(c for c, k in zip(kernel, kinds, strict=True) if k == "o")
+    r = next(c for c in string.ascii_letters if c not in equation)
+    mid = "".join(c for c in out if c not in produced) + r
+    x = ops.dropout(_floating(x, dtype), rate, rng)
+    xa = jnp.einsum(f"{lhs},{shared}{contracted}{r}->{mid}", x, f.a.astype(x.dtype))
+    return jnp.einsum(f"{mid},{shared}{r}{produced}->{out}", xa * f.scale, f.b.astype(x.dtype))
+
+
+def _conv_spec(module: nnx.Conv, path: str) -> str:
+    if module.feature_group_count != 1:
+        raise TargetError(
+            f"{path}: nnx.Conv with feature_group_count={module.feature_group_count} is not "
+            "supported (a grouped kernel is block-diagonal, a low-rank update is not); exclude "
+            "this path"
+        )
+    if module.mask is not None:
+        raise TargetError(
+            f"{path}: nnx.Conv with a kernel mask is not supported (the mask would have to apply "
+            "to a @ b as well); exclude this path"
+        )
+    return "i" * (len(module.kernel_size) + 1) + "o"
+
+
+def _per_axis(value: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * n
+    return (value,) * n if isinstance(value, int) else tuple(value)
+
+
+def _conv_term(module, x, dtype, f, rate, rng, *args, **kwargs):
+    n = len(module.kernel_size)
+    dilation = _per_axis(module.kernel_dilation, n)
+    x = ops.dropout(_floating(x, dtype), rate, rng)
+    padding = module.padding
+    lead = [(0, 0)] * (x.ndim - n - 1)
+    if isinstance(padding, str) and padding in ("CIRCULAR", "REFLECT"):
+        # As nnx.Conv does: pad the input periodically (or by reflection), then convolve VALID.
+        span = [(k - 1) * d + 1 for k, d in zip(module.kernel_size, dilation, strict=True)]
+        pads = [*lead, *[((s - 1) // 2, s // 2) for s in span], (0, 0)]
+        x = jnp.pad(x, pads, mode="wrap" if padding == "CIRCULAR" else "reflect")
+        padding = "VALID"
+    elif isinstance(padding, str) and padding == "CAUSAL":
+        pads = [*lead, (dilation[0] * (module.kernel_size[0] - 1), 0), (0, 0)]
+        x = jnp.pad(x, pads)
+        padding = "VALID"
+    elif isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    return ops.conv_branch(
+        x,
+        f,
+        strides=_per_axis(module.strides, n),
+        padding=padding,
+        input_dilation=_per_axis(module.input_dilation, n),
+        kernel_dilation=dilation,
+    )
+
+
+def _embed_lookup_term(module, ids, dtype, f, rate, rng, *args, **kwargs):
+    if module.num_embeddings == 1:  # nnx.Embed broadcasts its single row whatever the ids
+        ids = jnp.zeros_like(ids)
+    return ops.lookup_branch(ids, f).astype(dtype)
+
+
+def _embed_attend_term(module, query, dtype, f, rate, rng, *args, **kwargs):
+    return ops.attend_branch(_floating(query, dtype), f)
+
+
+def _fixed(spec: str) -> Callable[[Any, str], str]:
+    return lambda module, path: spec
+
+
+# Order matters only for subclasses of several kinds; none of Flax's are.
+KINDS: tuple[tuple[type, Kind], ...] = (
+    (nnx.Linear, Kind("nnx.Linear", "kernel", _fixed("io"), _linear_term)),
+    (
+        nnx.LinearGeneral,
+        Kind("nnx.LinearGeneral", "kernel", _linear_general_spec, _linear_general_term),
+    ),
+    (nnx.Einsum, Kind("nnx.Einsum", "kernel", _einsum_spec, _einsum_term)),
+    (nnx.Conv, Kind("nnx.Conv", "kernel", _conv_spec, _conv_term)),
+    (nnx.Embed, Kind("nnx.Embed", "embedding", _fixed("vo"), _embed_lookup_term)),
+)
+
+ATTEND_TERM = _embed_attend_term
+
+
+def _wrapped(kind: Kind) -> tuple[str, ...]:
+    return ("__call__", "attend") if kind.name == "nnx.Embed" else ("__call__",)
+
+
+def kind_of(module: Any) -> Kind | None:
+    """The kind of ``module``, or None if jlora cannot adapt it.
+
+    A subclass of a supported layer qualifies only if it keeps the methods the LoRA term is added
+    to: if it overrode ``__call__`` (say, to scale the output), adding the term after it would no
+    longer equal the merged layer.
+    """
+    for cls, kind in KINDS:
+        if isinstance(module, cls):
+            same = all(getattr(type(module), m) is getattr(cls, m) for m in _wrapped(kind))
+            return kind if same or is_adapted_class(type(module)) else None
+    return None
+
+
+def overridden(module: Any) -> str | None:
+    """For a supported layer's subclass that overrides a wrapped method: a sentence saying so."""
+    for cls, kind in KINDS:
+        if isinstance(module, cls):
+            names = [m for m in _wrapped(kind) if getattr(type(module), m) is not getattr(cls, m)]
+            return (
+                f"{type(module).__qualname__} subclasses {kind.name} but overrides {names}, so "
+                "the factored term cannot be placed exactly; "
+            )
+    return None
+
+
+def is_adapted_class(cls: type) -> bool:
+    """Whether ``cls`` is a jlora adapted subclass (which overrides ``__call__`` itself)."""
+    return cls.__dict__.get("_jlora_base") is not None
+
+
+def factors_of(module: Any) -> LoraFactors:
+    """The adapted module's factors as :class:`jlora.LoraFactors` (static data from metadata)."""
+    meta = module.lora_a.get_metadata()
+    return LoraFactors(
+        module.lora_a[...], module.lora_b[...], meta["lora_scale"], meta["lora_layout"]
+    )

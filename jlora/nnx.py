@@ -1,0 +1,201 @@
+"""LoRA for Flax NNX models: adapt any ``nnx.Module`` in place, train the factors, merge them away.
+
+:func:`lora` gives every targeted ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``
+and ``nnx.Embed`` (lookup and ``attend``) a pair of factors held in :class:`LoraParam` variables,
+and the layer computes ``h = x W0 + scale * (drop(x) a) b`` in factored form (Hu et al. 2022)
+through :mod:`jlora.ops`, never forming ``W0 + delta``. The base weights keep their paths, so
+``nnx.state(model, nnx.Param)`` is the functional parameter tree and targets are the same
+``/``-joined paths (``blocks/0/attn/query/kernel``) the functional core matches. Layouts come from
+the module kinds.
+
+:class:`LoraParam` is not an ``nnx.Param``: ``nnx.Optimizer(model, tx, wrt=LoraParam)`` trains the
+factors only, ``nnx.split(model, LoraParam, ...)`` isolates them, and ``nnx.Param`` filters see
+the frozen base only. :func:`to_adapters` and :func:`to_state` convert between the factors' state
+and the functional adapter pytree of :func:`jlora.init`; :func:`merge` returns a plain model.
+
+LoRA dropout follows ``nnx.Dropout``: an adapted layer starts in train mode
+(``deterministic=False``) and draws its masks from an ``nnx.RngStream`` forked at adaptation from
+the ``dropout`` stream of ``rngs`` (``default`` if there is none); ``model.eval()``,
+``model.train()`` and ``nnx.view(model, deterministic=...)`` switch it. Embedding adapters have no
+dropout.
+
+Stacked layers (built with ``nnx.vmap``, run with ``nnx.scan`` or ``nnx.vmap``) get stacked factors
+``a: (L, *fan_in, r)``, ``b: (L, r, *fan_out)`` and, with dropout, one rng stream per layer. A scan
+over the module (``in_axes=0``, the usual form) slices every variable of it, so each step sees its
+own layer's factors beside its kernel. A scan given ``nnx.StateAxes`` must slice
+:class:`LoraParam` (and, with dropout, ``nnx.RngState``) along with ``nnx.Param``; otherwise the
+factored product sees the whole stack and raises :class:`jlora.AdapterMismatchError`.
+
+Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jlora, jlora.nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> x = jnp.ones((3, 4))
+    >>> y0 = model(x)
+    >>> _ = jlora.nnx.lora(model, jlora.LoraConfig(targets=r".*kernel", rank=2), rngs=nnx.Rngs(2))
+    >>> bool((model(x) == y0).all())  # b = 0: the adapted model equals the base at init
+    True
+    >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(model, jlora.nnx.LoraParam)))
+    {'layers': {0: {'lora_a': (4, 2), 'lora_b': (2, 8)}, 1: {'lora_a': (8, 2), 'lora_b': (2, 2)}}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, TypeVar
+
+import jax
+from flax import nnx
+
+from ._config import LoraConfig
+from ._errors import MissingRngError, TargetError
+from ._factors import init
+from ._merge import factors_by_path
+from ._nnx_adapted import LoraParam, attach, check_free, is_adapted
+from ._nnx_convert import (
+    check_module,
+    flat_variables,
+    join,
+    merge,
+    node,
+    set_adapters,
+    to_adapters,
+    to_state,
+)
+from ._nnx_kinds import SUPPORTED, kind_of, overridden
+from ._paths import nest
+
+__all__ = ["LoraParam", "lora", "merge", "set_adapters", "to_adapters", "to_state"]
+
+M = TypeVar("M", bound=nnx.Module)
+Parts = tuple[Any, ...]
+
+
+def _where(parts: Parts) -> str:
+    """A module's path for messages; the model itself is ``(root)``."""
+    return join(parts) or "(root)"
+
+
+def _unsupported(path: str, parts: Parts, model: Any) -> TargetError:
+    owner = parts[:-1]
+    while owner and not isinstance(node(model, owner), nnx.Module):
+        owner = owner[:-1]
+    module = node(model, owner)
+    kind = kind_of(module)
+    note = overridden(module) or ""
+    what = (
+        f"the {parts[-1]!r} of {kind.name} '{_where(owner)}' (only its {kind.weight!r} can be "
+        "adapted)"
+        if kind is not None
+        else f"a weight of module '{_where(owner)}' of kind {type(module).__qualname__}"
+    )
+    return TargetError(
+        f"{path}: the targets select {what}; {note}jlora.nnx adapts the weights of {SUPPORTED}. "
+        "Narrow LoraConfig.targets (e.g. to '.*kernel') or add this path to exclude"
+    )
+
+
+def _as_rngs(rngs: Any) -> nnx.Rngs:
+    if isinstance(rngs, nnx.Rngs):
+        return rngs
+    if isinstance(rngs, int) or isinstance(rngs, jax.Array):
+        return nnx.Rngs(rngs)
+    raise TypeError(
+        f"jlora.nnx.lora: rngs must be an nnx.Rngs, an int seed or a PRNG key, got "
+        f"{type(rngs).__name__}"
+    )
+
+
+def _dropout_stream(rngs: nnx.Rngs, stack: tuple[int, ...]) -> Any:
+    if "dropout" not in rngs and "default" not in rngs:
+        return None
+    key = rngs["dropout"]()
+    # One independent stream per stacked layer (key shape = stack shape), so nnx.scan hands each
+    # layer its own slice of the stream, as it does the kernel and the factors.
+    return nnx.Rngs(dropout=jax.random.split(key, stack) if stack else key)["dropout"]
+
+
+def lora(
+    model: M, config: LoraConfig, *, rngs: nnx.Rngs | jax.Array | int, copy: bool = False
+) -> M:
+    """Adds LoRA factors to the layers of ``model`` that ``config`` targets.
+
+    Targets are regexes over the ``/``-joined paths of ``nnx.state(model, nnx.Param)``
+    (``blocks/0/attn/query/kernel``); each must select the weight of an ``nnx.Linear``,
+    ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv`` or ``nnx.Embed``. Layouts are inferred
+    from the layers, and the factors are exactly ``jlora.init(key, params, config)`` for those
+    params and layouts (``key = rngs.params()``), so the adapted model equals the base at init.
+
+    Args:
+        model: any ``nnx.Module``.
+        config: which weights to adapt and how (``config.layouts`` is only needed for weights the
+            layer kind cannot describe; inferred layouts take precedence).
+        rngs: ``nnx.Rngs`` (its ``params`` stream initialises the factors; its ``dropout`` stream,
+            if any, is forked into each layer for LoRA dropout), an int seed or a PRNG key.
+        copy: adapt a copy (``nnx.clone``) and leave ``model`` untouched; by default ``model``
+            itself is adapted (and returned).
+
+    Returns:
+        The adapted model (``model`` itself unless ``copy``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nnx.Module``.
+        TargetError: a target selects a weight of another kind of module (or a bias), a layer
+            configuration jlora cannot adapt, an already adapted layer, or nothing at all.
+        MissingRngError: ``rngs`` has neither a ``params`` nor a ``default`` stream.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jlora, jlora.nnx
+        >>> layer = nnx.LinearGeneral(16, (4, 8), rngs=nnx.Rngs(0))
+        >>> layer = jlora.nnx.lora(layer, jlora.LoraConfig(targets="kernel", rank=2), rngs=1)
+        >>> layer.lora_a.shape, layer.lora_b.shape
+        ((16, 2), (2, 4, 8))
+    """
+    check_module(model, "lora")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"jlora.nnx.lora: config must be a jlora.LoraConfig, got {config!r}")
+    rngs = _as_rngs(rngs)
+    if "params" not in rngs and "default" not in rngs:
+        raise MissingRngError(
+            "jlora.nnx.lora: rngs has no 'params' (or 'default') stream to initialise the "
+            "factors; pass e.g. rngs=nnx.Rngs(params=0, dropout=1) or an int seed"
+        )
+    if copy:
+        model = nnx.clone(model)
+    flat = flat_variables(nnx.state(model, nnx.Param))
+    plan, layouts = {}, []
+    for parts, var in flat:
+        path = join(parts)
+        if not config.selects(path):
+            continue
+        module = node(model, parts[:-1])
+        kind = kind_of(module)
+        if kind is None or parts[-1] != kind.weight:
+            raise _unsupported(path, parts, model)
+        if is_adapted(module):
+            raise TargetError(
+                f"{path}: this layer already has LoRA factors; merge them first "
+                "(jlora.nnx.merge) or load other adapters with jlora.nnx.set_adapters"
+            )
+        check_free(module, _where(parts[:-1]))
+        spec = kind.spec(module, _where(parts[:-1]))
+        n_stack = len(var.shape) - len(spec)
+        if n_stack < 0:
+            raise TargetError(
+                f"{path}: {kind.name} weight of shape {var.shape} has fewer axes than its "
+                f"layout {spec!r}; is the module's configuration consistent with its weight?"
+            )
+        layouts.append((re.escape(path), "s" * n_stack + spec))
+        plan[path] = (parts[:-1], module, kind, tuple(var.shape[:n_stack]))
+    config = dataclasses.replace(config, layouts=(*layouts, *config.layouts))
+    params = nest({join(parts): jax.ShapeDtypeStruct(var.shape, var.dtype) for parts, var in flat})
+    adapters = factors_by_path(init(rngs.params(), params, config))
+    for path, factors in adapters.items():
+        owner, module, kind, stack = plan[path]
+        stream = _dropout_stream(rngs, stack) if config.dropout > 0 else None
+        attach(module, _where(owner), kind, factors, config.dropout, stream)
+    return model
