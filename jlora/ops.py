@@ -13,19 +13,52 @@ adapter's input only; the base path sees ``x`` untouched. Factors are cast to th
 bfloat16 activations run bfloat16 matmuls against float32 factors.
 
 The factors must be one layer's (no stack axes): inside ``nn.scan`` each step sees its own slice.
+
+**The dense product runs on 2-D views** (all leading axes of ``x`` flattened into one row axis,
+multi-axis fan-in/fan-out flattened too), so every product is a plain matrix product. Its backward
+pass (autodiff) saves only the adapter's input and the rank-``r`` intermediate, and computes
+
+    g_r = s (g b^T),   grad a = (g_r^T x)^T,   grad b = (s x a)^T g,   grad x = g_r a^T
+
+with the gradient of ``a`` formed rank-axis-leading, ``(r, fan_in)``, and transposed only at that
+small end: ``a`` enters the forward product as its transpose behind an optimisation barrier, which
+keeps XLA from folding the transpose back into the ``(fan_in, r)``-major product that XLA:CPU runs
+several times slower. The values equal plain autodiff of ``(x a) b`` to round-off
+(``tests/test_ops_fast.py``).
+
+**Saved inputs and recomputation.** A LoRA step must keep each adapter's input for the gradient of
+``a``: the one activation a frozen model's backward pass would not keep. The dense, conv and
+attend branches tag that input (after dropout) ``jax.ad_checkpoint.checkpoint_name(x, "lora_input")``
+(``LORA_INPUT``), for remat policies that select by name (``save_only_these_names``, the offloading
+policies). A policy cannot drop it by name alone: the array before the tag (a LayerNorm's or GELU's
+output) is the same value and stays saveable. To trade time for memory, recompute whole blocks
+instead (``nn.remat`` / ``jax.checkpoint`` around each block, e.g. with
+``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), which recomputes the adapters'
+inputs with the rest of the block.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ._errors import AdapterMismatchError, MissingRngError
 from ._factors import LoraFactors
 
-__all__ = ["attend_branch", "conv_branch", "dense_branch", "dropout", "lookup_branch"]
+__all__ = [
+    "LORA_INPUT",
+    "attend_branch",
+    "conv_branch",
+    "dense_branch",
+    "dropout",
+    "lookup_branch",
+]
+
+LORA_INPUT = "lora_input"  # the checkpoint_name of every adapter input (see the module docstring)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -95,8 +128,27 @@ def dense_branch(
             f"adapter's fan-in {a.shape[:-1]}; were these factors made for another layer?"
         )
     x = dropout(x, dropout_rate, rng)
-    xa = jnp.tensordot(x, a.astype(x.dtype), axes=n_in)
-    return jnp.tensordot(xa * factors.scale, b.astype(x.dtype), axes=1)
+    lead, fan_out = x.shape[: x.ndim - n_in], b.shape[1:]
+    # Named after the reshape, so the name marks exactly the array the backward pass keeps.
+    rows = checkpoint_name(x.reshape(math.prod(lead), math.prod(a.shape[:-1])), LORA_INPUT)
+    a2 = a.reshape(rows.shape[1], a.shape[-1])
+    b2 = b.reshape(b.shape[0], math.prod(fan_out))
+    return _factored(rows, a2, b2, factors.scale).reshape(*lead, *fan_out)
+
+
+def _factored(rows: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale * (rows a) b`` for 2-D ``rows: (n, fan_in)``, ``a: (fan_in, r)``, ``b: (r, fan_out)``.
+
+    ``scale * a`` enters as its transpose ``(r, fan_in)`` behind an optimisation barrier. Autodiff
+    then forms the gradient of ``a`` as ``g_r^T rows`` of shape ``(r, fan_in)`` (rank axis leading)
+    and transposes only that small result; without the barrier XLA folds the transpose into the
+    product and computes it ``(fan_in, r)``-major, several times slower on CPU. The scale rides on
+    that transpose, which is materialised anyway.
+    """
+    scaled_a = a.astype(rows.dtype) * jnp.asarray(scale, rows.dtype)
+    a_t = jax.lax.optimization_barrier(scaled_a.T)
+    xa = jax.lax.dot_general(rows, a_t, (((1,), (1,)), ((), ())))
+    return jnp.matmul(xa, b.astype(rows.dtype))
 
 
 def conv_branch(
@@ -136,7 +188,7 @@ def conv_branch(
     a, b = _one_layer(factors, "conv_branch")
     n_spatial = a.ndim - 2
     batch = x.shape[: x.ndim - n_spatial - 1]
-    x = dropout(x, dropout_rate, rng)
+    x = checkpoint_name(dropout(x, dropout_rate, rng), LORA_INPUT)
     lhs = x.reshape(-1, *x.shape[len(batch) :])
     dims = jax.lax.conv_dimension_numbers(lhs.shape, a.shape, _channels_last(n_spatial))
     y = jax.lax.conv_general_dilated(
@@ -196,5 +248,6 @@ def attend_branch(x: jax.Array, factors: LoraFactors) -> jax.Array:
         (4, 10)
     """
     a, b = _one_layer(factors, "attend_branch")
+    x = checkpoint_name(x, LORA_INPUT)
     xb = jnp.tensordot(x, b.astype(x.dtype), axes=((x.ndim - 1,), (1,)))
     return jnp.tensordot(xb * factors.scale, a.astype(x.dtype), axes=((x.ndim - 1,), (1,)))

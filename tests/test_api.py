@@ -36,7 +36,14 @@ def test_top_level_surface():
 
 
 SUBMODULES = {
-    "ops": ["attend_branch", "conv_branch", "dense_branch", "dropout", "lookup_branch"],
+    "ops": [
+        "LORA_INPUT",
+        "attend_branch",
+        "conv_branch",
+        "dense_branch",
+        "dropout",
+        "lookup_branch",
+    ],
     "sharding": ["check_factor_shardings", "factor_shardings", "factor_specs", "init"],
     "analysis": [
         "UpdateProjection",
