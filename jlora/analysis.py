@@ -273,7 +273,9 @@ def plot_subspace_similarity(
             "plot_subspace_similarity needs matplotlib: pip install matplotlib"
         ) from e
     grid = np.asarray(grid)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.25 * grid.shape[1], 1.2 + 0.25 * grid.shape[0]))
+    rows, cols = grid.shape
+    # Cells shrink past ~30 per side, so a 64 x 64 grid stays a readable 9 x 7 inch figure.
+    fig, ax = plt.subplots(figsize=(min(2.0 + 0.25 * cols, 9.0), min(1.4 + 0.25 * rows, 7.0)))
     try:
         image = ax.imshow(
             grid,
@@ -281,7 +283,9 @@ def plot_subspace_similarity(
             vmax=1.0,
             cmap="viridis",
             origin="upper",
-            extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5),
+            aspect="auto",
+            interpolation="nearest",
+            extent=(0.5, cols + 0.5, rows + 0.5, 0.5),
         )
         fig.colorbar(image, ax=ax, label="phi")
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)

@@ -1,0 +1,170 @@
+"""The experiment scripts in examples/: their helpers (fast) and their --quick runs (slow)."""
+
+import pathlib
+import runpy
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora.analysis as an
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import decoder_tasks as dt  # noqa: E402
+import rank_ablation  # noqa: E402
+
+SUBSPACES = runpy.run_path(str(EXAMPLES / "subspaces.py"), run_name="subspaces")
+LOWRANK = runpy.run_path(str(EXAMPLES / "lowrank_layers.py"), run_name="lowrank_layers")
+SPEC = dt.Spec(symbols=5, length=4, d_model=8, heads=2, layers=1)
+
+
+@pytest.mark.parametrize("task", list(dt.TASKS))
+def test_batches_are_task_x_sep_answer(task):
+    tokens = np.asarray(dt.make_batch(jax.random.key(0), SPEC, task, 64))
+    n = SPEC.length
+    assert tokens.shape == (64, SPEC.seq) == (64, 2 * n + 2)
+    assert (tokens[:, 0] == SPEC.task_token(task)).all() and (tokens[:, n + 1] == SPEC.sep).all()
+    x, y = tokens[:, 1 : n + 1], tokens[:, n + 2 :]
+    assert ((x >= 0) & (x < SPEC.symbols)).all()
+    np.testing.assert_array_equal(y, x if task == "copy" else x[:, ::-1])
+    assert len({SPEC.task_token(t) for t in dt.TASKS} | {SPEC.sep}) == SPEC.vocab - SPEC.symbols
+
+
+def test_answer_scores_and_loss_read_only_the_answer():
+    rng = np.random.default_rng(0)
+    tokens = np.asarray(dt.make_batch(jax.random.key(1), SPEC, "reverse", 3))
+    logits = rng.normal(size=(3, SPEC.seq, SPEC.vocab)).astype(np.float32)
+    n = SPEC.length
+    answer = tokens[:, n + 2 :]
+    positions = np.arange(n + 1, 2 * n + 1)  # [sep], y_1 .. y_{n-1} predict y_1 .. y_n
+    logits[:, positions, :] = -5.0
+    for b in range(3):
+        logits[b, positions, answer[b]] = 5.0
+    logits[0, positions[2], (answer[0, 2] + 1) % SPEC.symbols] = 9.0  # one wrong token
+    logits[:, : n + 1] = 100.0 * rng.normal(size=(3, n + 1, SPEC.vocab))  # x half: ignored
+    accuracy, exact = dt.answer_scores(jnp.asarray(logits), jnp.asarray(tokens), SPEC)
+    assert accuracy == pytest.approx(1 - 1 / (3 * n)) and exact == pytest.approx(2 / 3)
+    z = logits[:, positions].astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, answer[..., None], -1).mean()
+    loss = dt.answer_loss(jnp.asarray(logits), jnp.asarray(tokens), SPEC)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_minimises_a_quadratic_on_fresh_batches():
+    target = jnp.array([1.0, -2.0, 0.5])
+
+    def loss(w, scale, batch):
+        return scale * jnp.mean(jnp.sum((w[None, :] - batch) ** 2, -1))
+
+    make = lambda k: target[None, :] + 0.01 * jax.random.normal(k, (8, 3))  # noqa: E731
+    seen = []
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam under the strict test config
+        w = dt.fit(
+            loss, jnp.zeros(3), jnp.float32(2.0), make, steps=400, lr=0.1,
+            key=jax.random.key(0), chunk=100, on_chunk=lambda step, _: seen.append(step),
+        )  # fmt: skip
+    assert seen == [100, 200, 300, 400]
+    np.testing.assert_allclose(np.asarray(w), np.asarray(target), atol=0.02)
+    with pytest.raises(ValueError, match="steps=250 must be a positive multiple of chunk=100"):
+        dt.fit(loss, w, jnp.float32(1.0), make, steps=250, lr=0.1, key=jax.random.key(0))
+
+
+def test_random_phi_is_the_mean_phi_of_random_subspaces():
+    rng = np.random.default_rng(0)
+    n, i, j = 20, 3, 7
+    draws = [
+        an.subspace_similarity(
+            np.linalg.qr(rng.normal(size=(n, i)))[0], np.linalg.qr(rng.normal(size=(n, j)))[0]
+        )
+        for _ in range(2000)
+    ]
+    stderr = np.std(draws) / np.sqrt(len(draws))
+    assert np.mean(draws) == pytest.approx(SUBSPACES["random_phi"](i, j, n), abs=4 * stderr)
+    assert SUBSPACES["random_phi"](j, i, n) == 7 / 20
+
+
+def test_markdown_table_formats_numbers_and_seed_spreads():
+    table = rank_ablation.markdown_table(["a", "b", "c"], [["x", 12345, 0.12345]])
+    assert table == "| a | b | c |\n| --- | --- | --- |\n| x | 12,345 | 0.123 |"
+    runs = [{"accuracy": 0.5}, {"accuracy": 1.0}]
+    assert rank_ablation._spread(runs, "accuracy") == "0.750 (0.50, 1.00)"
+    assert rank_ablation._spread(runs[:1], "accuracy") == "0.500"
+
+
+def test_hidden_params_counts_the_models_own_params():
+    x = jnp.ones((1, 64))
+    for rank in (None, 1, 8):
+        params = jax.eval_shape(LOWRANK["MLP"](rank).init, jax.random.key(0), x)["params"]
+        hidden = sum(
+            leaf.size for k in ("hidden_0", "hidden_1") for leaf in jax.tree.leaves(params[k])
+        )
+        assert LOWRANK["hidden_params"](rank) == hidden
+
+
+def test_epochs_to():
+    curve = np.array([0.1, 0.5, 0.96, 0.94, 0.98])
+    assert LOWRANK["epochs_to"](curve, 0.95) == 2
+    assert LOWRANK["epochs_to"](curve, 0.97) == 4
+    assert LOWRANK["epochs_to"](curve, 0.99) is None
+    assert LOWRANK["epochs_to"](curve, 0.1) == 0
+
+
+@pytest.mark.slow
+def test_subspaces_quick_run(tmp_path, capsys):
+    with jax.numpy_dtype_promotion("standard"):
+        out = SUBSPACES["main"](["--quick", "--figures", str(tmp_path)])
+    assert out["copy"]["accuracy"] > 0.99  # the base learned its pretraining task
+    ablation = out["ablation"]
+    base = ablation["base", 0]
+    assert base["accuracy"] < 0.2  # reversing is new to it
+    for rank in (4, 8, 64):
+        lora = ablation["q,v", rank]
+        assert lora["accuracy"] > base["accuracy"] + 0.25 and lora["loss"] < base["loss"] / 2
+        assert lora["trainable"] == 2 * 2 * 2 * 128 * rank  # 2 layers x {q, v} x (a + b)
+    n = 128
+    for layer, name in ((0, "query"), (0, "value"), (1, "query"), (1, "value")):
+        for side in ("input", "output"):
+            grids = out["subspaces"][layer, name, side]
+            for key in ("r8_r64", "seeds"):
+                assert np.all((grids[key] >= -1e-12) & (grids[key] <= 1 + 1e-12))
+            assert grids["r8_r64"].shape == (8, 64) and grids["seeds"].shape == (64, 64)
+            # Two seeds' top-8 directions overlap far above chance (8 / 128).
+            assert grids["seeds"][7, 7] > 3 * SUBSPACES["random_phi"](8, 8, n)
+        # The r = 4 update's directions are not W's top directions (the paper's Table 7).
+        projection = out["subspaces"][layer, name, 4]
+        assert projection.onto_delta < projection.onto_weight / 2
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [
+        "phi_r8_r64_query.png", "phi_r8_r64_value.png", "phi_random.png",
+        "phi_seeds_query.png", "phi_seeds_value.png",
+    ]  # fmt: skip
+    assert "| LoRA {q,v} | 64 | 65,536 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lowrank_layers_quick_run(tmp_path):
+    figure = tmp_path / "curves.png"
+    with jax.numpy_dtype_promotion("standard"):
+        out = LOWRANK["main"](["--quick", "--figure", str(figure)])
+    assert set(out["curves"]) == {"adam-1e-3", "sgd-0.05"}
+    for optimizer, curves in out["curves"].items():
+        assert set(curves) == {("full", None)} | {
+            (v, r) for v in ("rank_aware", "autoencoder") for r in (2, 16)
+        }
+        for accuracy in curves.values():
+            assert accuracy.shape == (1, 9) and np.all((accuracy >= 0) & (accuracy <= 1))
+            assert accuracy[0, 0] < 0.3  # untrained
+        assert curves["full", None][0, -1] > 0.93
+        # Too small a rank hurts: r = 2 ends far below r = 16 with the rank-aware init.
+        assert curves["rank_aware", 2][0, -1] < curves["rank_aware", 16][0, -1] - 0.2, optimizer
+    # SGD at the baseline's learning rate: the unbalanced autoencoder init at r = 2 diverges to
+    # chance, the balanced rank-aware one learns.
+    sgd = out["curves"]["sgd-0.05"]
+    assert sgd["autoencoder", 2][0, -1] < 0.2 < 0.4 < sgd["rank_aware", 2][0, -1]
+    assert figure.stat().st_size > 10_000
