@@ -36,7 +36,6 @@ def main(process_id: int, port: int, out_dir: str) -> None:
         f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
     )
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import optax
     import sharded_decoder as sd
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -56,15 +55,7 @@ def main(process_id: int, port: int, out_dir: str) -> None:
     params = jax.tree.map(global_array, host_params, sd.specs(host_params, fsdp="data"))
     x, y = (global_array(v, P("data", None)) for v in sd.batch())
 
-    adapters = lsh.init(jax.random.key(1), params, sd.CONFIG)
-    tx = optax.adam(1e-2)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.jit(tx.init)(adapters)
-    step = jax.jit(sd.lora_step(tx))
-    losses = []
-    for _ in range(STEPS):
-        adapters, opt_state, loss = step(adapters, opt_state, params, x, y)
-        losses.append(float(loss))  # replicated: every process holds the value
+    losses, adapters = sd.train(params, x, y, STEPS)
 
     # Each process writes its own shards; restore onto another layout (Megatron, no FSDP).
     path = jlora.checkpoint.save(os.path.join(out_dir, "adapter"), adapters, sd.CONFIG, base=params)

@@ -92,6 +92,22 @@ def lora_step(tx):
     return step
 
 
+def train(params, x, y, steps: int):
+    """Sharded adapters from ``lsh.init``, trained ``steps`` Adam steps: ``(losses, adapters)``."""
+    from jlora import sharding as lsh
+
+    adapters = lsh.init(jax.random.key(1), params, CONFIG)
+    tx = optax.adam(1e-2)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = jax.jit(tx.init)(adapters)
+    step = jax.jit(lora_step(tx))
+    losses = []
+    for _ in range(steps):
+        adapters, opt_state, loss = step(adapters, opt_state, params, x, y)
+        losses.append(float(loss))  # replicated: every process holds the value
+    return np.array(losses), adapters
+
+
 def floor_step(params, x, y, offset):
     """The frozen-base step: loss and its gradient with respect to the embedded tokens only.
 

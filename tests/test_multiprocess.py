@@ -16,14 +16,12 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
 import sharded_decoder as sd
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from jlora import sharding as lsh
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 TIMEOUT_S = 110
@@ -86,16 +84,8 @@ def _reference():
     params = jax.device_put(params, shardings)
     on_data = NamedSharding(mesh, P("data", None))
     x, y = (jax.device_put(v, on_data) for v in sd.batch())
-    adapters = lsh.init(jax.random.key(1), params, sd.CONFIG)
-    tx = optax.adam(1e-2)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.jit(tx.init)(adapters)
-    step = jax.jit(sd.lora_step(tx))
-    losses = []
-    for _ in range(STEPS):
-        adapters, opt_state, loss = step(adapters, opt_state, params, x, y)
-        losses.append(float(loss))
-    return np.array(losses), dict(jlora._paths.leaves_with_paths(adapters))
+    losses, adapters = sd.train(params, x, y, STEPS)
+    return losses, dict(jlora._paths.leaves_with_paths(adapters))
 
 
 @pytest.mark.slow
