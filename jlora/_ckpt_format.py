@@ -47,6 +47,15 @@ class AdapterRecord:
     b_dtype: str
 
 
+def _layout_record(layout: Layout) -> dict[str, Any]:
+    # `order` is written only when set, so checkpoints of canonical layouts stay readable by
+    # jlora versions that predate it.
+    record = dataclasses.asdict(layout)
+    if not record["order"]:
+        del record["order"]
+    return record
+
+
 def dtype_name(dtype: Any) -> str:
     """A dtype as the string ``np.dtype`` reads back (``"bfloat16"`` included, via ml_dtypes)."""
     return np.dtype(dtype).name
@@ -150,7 +159,7 @@ def record(table: Mapping[str, LoraFactors], config: LoraConfig, base: Any | Non
         "config": config.to_dict(),
         "adapters": {
             path: {
-                "layout": dataclasses.asdict(f.layout),
+                "layout": _layout_record(f.layout),
                 "a": {"shape": list(f.a.shape), "dtype": dtype_name(f.a.dtype)},
                 "b": {"shape": list(f.b.shape), "dtype": dtype_name(f.b.dtype)},
             }

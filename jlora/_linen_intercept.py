@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from ._config import LoraConfig
 from ._errors import AdapterMismatchError, MissingRngError
 from ._factors import LoraFactors
 from ._layout import Layout
@@ -47,10 +48,31 @@ class Seen:
 
 
 class Recorder:
-    """Interceptor that records every module's kind and every supported layer's layout."""
+    """Interceptor that records every module's kind and every supported layer's layout.
 
-    def __init__(self) -> None:
+    A layout that ``config.layouts`` gives for a weight is used where the layer kind can take it
+    (an einsum's roles), and must equal the module's own otherwise.
+    """
+
+    def __init__(self, config: LoraConfig | None = None) -> None:
         self.seen: dict[str, Seen] = {}
+        self.config = config
+
+    def _layout(self, kind: LayerKind, path: str, context, args, kwargs) -> Layout:
+        module, method = context.module, context.method_name
+        layout = kind.layout(module, method, args, kwargs)
+        spec = None if self.config is None else self.config.layout_for(join(path, kind.param))
+        if spec is None:
+            return layout
+        chosen = Layout.parse(spec)
+        if kind.choose is not None:
+            return kind.choose(module, method, args, kwargs, chosen)
+        if chosen != layout:
+            raise Unsupported(
+                f"LoraConfig.layouts gives {spec!r} for this weight, but {kind.name} fixes its "
+                f"layout ({layout!r}); only einsum kernels take a chosen layout. Remove the entry"
+            )
+        return layout
 
     def observe(self, context: nn.module.InterceptorContext, args: tuple, kwargs: dict) -> Seen:
         module = context.module
@@ -59,9 +81,7 @@ class Recorder:
         seen = self.seen.setdefault(path, Seen(kind_name(module), kind))
         if kind is not None and context.method_name in kind.methods:
             try:
-                layout: Layout | Unsupported = kind.layout(
-                    module, context.method_name, args, kwargs
-                )
+                layout: Layout | Unsupported = self._layout(kind, path, context, args, kwargs)
             except Unsupported as e:
                 layout = e
             if seen.layout is None or isinstance(layout, Unsupported):
@@ -81,8 +101,8 @@ class Recorder:
 class Applier(Recorder):
     """Interceptor that adds ``scale * (x a) b`` (or the layer kind's equivalent) to each output."""
 
-    def __init__(self, rate: float, rng_stream: str) -> None:
-        super().__init__()
+    def __init__(self, rate: float, rng_stream: str, config: LoraConfig | None = None) -> None:
+        super().__init__(config)
         self.rate = rate
         self.rng_stream = rng_stream
         self.used: set[str] = set()
@@ -117,13 +137,13 @@ class Applier(Recorder):
 
 
 def _check_layout(path: str, kind: LayerKind, factors: LoraFactors, layout: Layout) -> None:
-    found = (factors.layout.fan_in_ndim, factors.layout.fan_out_ndim)
-    if found != (layout.fan_in_ndim, layout.fan_out_ndim):
+    if factors.layout != layout:
+        ndim = factors.a.ndim - 1 + factors.layout.fan_out_ndim
         raise AdapterMismatchError(
-            f"{path}: the adapter has {found[0]} fan-in and {found[1]} fan-out axes but this "
-            f"{kind.name} weight has {layout.fan_in_ndim} and {layout.fan_out_ndim}; the adapters "
-            "were made with a wrong layout. Create them with LoraModel.init_adapters, which reads "
-            "layouts from the modules"
+            f"{path}: the adapter's layout is {factors.layout.spec(ndim)!r} but this "
+            f"{kind.name} weight's is {layout.spec(ndim)!r}; the adapters "
+            "were made with a wrong layout. Create them with the init_adapters of a LoraModel with "
+            "this config, which reads layouts from the modules (and LoraConfig.layouts)"
         )
 
 
@@ -203,13 +223,14 @@ def trace(
     variables: dict[str, Any],
     rngs: Any,
     method: Any,
+    config: LoraConfig | None = None,
 ) -> dict[str, Seen]:
     """Runs ``model.apply`` abstractly (``jax.eval_shape``) and returns the modules it met.
 
     Array inputs (and ``jax.ShapeDtypeStruct``) are traced; every other input (flags such as
     ``train=True``) stays a Python value, so the model takes the same branches as in a real call.
     """
-    recorder = Recorder()
+    recorder = Recorder(config)
     flat, treedef = jax.tree.flatten((args, kwargs))
     array_types = (jax.Array, np.ndarray, jax.ShapeDtypeStruct)
     arrays = [i for i, x in enumerate(flat) if isinstance(x, array_types)]

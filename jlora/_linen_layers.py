@@ -16,7 +16,6 @@ dtype. Lookups take no dropout (their input is an id, not an activation).
 from __future__ import annotations
 
 import dataclasses
-import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import ops
+from . import _einsum, ops
 from ._factors import LoraFactors
 from ._layout import Layout
 
@@ -52,6 +51,9 @@ class LayerKind:
         layout: ``(module, method, args, kwargs) -> Layout`` (raises :class:`Unsupported`).
         term: ``(module, method, args, kwargs, factors, rate, rng) -> term``.
         undropped: methods whose input is not an activation (a lookup's ids): no LoRA dropout.
+        choose: ``(module, method, args, kwargs, chosen) -> Layout``: the layout to use when
+            ``LoraConfig.layouts`` gives one for the weight (raises :class:`Unsupported` if it
+            does not fit); None for kinds whose layout is fixed by the module.
     """
 
     name: str
@@ -60,6 +62,7 @@ class LayerKind:
     layout: Callable[..., Layout]
     term: Term
     undropped: tuple[str, ...] = ()
+    choose: Callable[..., Layout] | None = None
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -120,43 +123,28 @@ def _general_term(module, method, args, kwargs, factors, rate, rng):
 # Einsum -----------------------------------------------------------------------------------------
 
 
-def _einsum_parts(module: nn.Einsum, args, kwargs) -> tuple[str, str, str, str, str]:
-    equation = _arg(args, kwargs, 1, "einsum_str") or module.einsum_str
-    equation = equation.replace(" ", "")
-    operands, out = equation.split("->")
-    lhs, kernel = operands.split(",")
-    contracted = "".join(c for c in kernel if c in lhs and c not in out)
-    produced = "".join(c for c in kernel if c in out and c not in lhs)
-    if (
-        not contracted
-        or not produced
-        or kernel != contracted + produced
-        or len(set(kernel)) != len(kernel)
-    ):
-        raise Unsupported(
-            f"einsum {equation!r}: the kernel's axes {kernel!r} must be contracted letters (in "
-            "the input, not the output) followed by output letters (in the output, not the "
-            f"input); found contracted {contracted!r} and output {produced!r}. Batch letters "
-            "shared by input, kernel and output, or a different order, have no (fan_in, fan_out) "
-            "split. Write the kernel as e.g. 'btd,dhk->bthk', or exclude this path"
-        )
-    return equation, lhs, out, contracted, produced
+def _equation(module: nn.Einsum, args, kwargs) -> _einsum.Equation:
+    try:
+        return _einsum.parse(_arg(args, kwargs, 1, "einsum_str") or module.einsum_str)
+    except _einsum.EinsumUnsupported as e:
+        raise Unsupported(f"{e}. Exclude this path") from None
 
 
 def _einsum_layout(module: nn.Einsum, method, args, kwargs) -> Layout:
-    _, _, _, contracted, produced = _einsum_parts(module, args, kwargs)
-    return Layout(len(contracted), len(produced))
+    return _equation(module, args, kwargs).layout
+
+
+def _einsum_choose(module: nn.Einsum, method, args, kwargs, chosen: Layout) -> Layout:
+    try:
+        return _einsum.layout_for(_equation(module, args, kwargs), chosen)
+    except _einsum.EinsumUnsupported as e:
+        raise Unsupported(str(e)) from None
 
 
 def _einsum_term(module, method, args, kwargs, factors, rate, rng):
-    x = _arg(args, kwargs, 0, "inputs")
-    equation, lhs, out, contracted, produced = _einsum_parts(module, args, kwargs)
-    r = next(c for c in string.ascii_letters if c not in equation)
-    free = "".join(c for c in out if c not in produced)  # keeps any '...'
-    x = ops.dropout(x, rate, rng)
-    xa = jnp.einsum(f"{lhs},{contracted}{r}->{free}{r}", x, factors.a.astype(x.dtype))
-    xa = xa * jnp.asarray(factors.scale, xa.dtype)
-    return jnp.einsum(f"{free}{r},{r}{produced}->{out}", xa, factors.b.astype(x.dtype))
+    x = ops.dropout(_arg(args, kwargs, 0, "inputs"), rate, rng)
+    eq = _equation(module, args, kwargs)
+    return _einsum.term(eq, factors.layout, x, factors.a, factors.b, factors.scale)
 
 
 # Conv -------------------------------------------------------------------------------------------
@@ -242,7 +230,17 @@ _KINDS: tuple[tuple[type, LayerKind], ...] = (
         nn.DenseGeneral,
         LayerKind("nn.DenseGeneral", "kernel", ("__call__",), _general_layout, _general_term),
     ),
-    (nn.Einsum, LayerKind("nn.Einsum", "kernel", ("__call__",), _einsum_layout, _einsum_term)),
+    (
+        nn.Einsum,
+        LayerKind(
+            "nn.Einsum",
+            "kernel",
+            ("__call__",),
+            _einsum_layout,
+            _einsum_term,
+            choose=_einsum_choose,
+        ),
+    ),
     (nn.Conv, LayerKind("nn.Conv", "kernel", ("__call__",), _conv_layout, _conv_term)),
     (
         nn.Embed,

@@ -38,7 +38,7 @@ def factors_by_path(adapters: Any) -> dict[str, LoraFactors]:
 
 
 def factor_delta(factors: LoraFactors) -> jax.Array:
-    """``scale * a @ b`` in float32, shaped like the weight ``(*stack, *fan_in, *fan_out)``."""
+    """``scale * a @ b`` in float32, shaped like the weight (axes in the weight's own order)."""
     a = factors.a.astype(jnp.float32)
     b = factors.b.astype(jnp.float32)
     rank = a.shape[-1]
@@ -48,16 +48,18 @@ def factor_delta(factors: LoraFactors) -> jax.Array:
     a2 = a.reshape(*stack, -1, rank)
     b2 = b.reshape(*stack, rank, -1)
     d = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
-    return (factors.scale * d).reshape(*stack, *fan_in, *fan_out)
+    d = (factors.scale * d).reshape(*stack, *fan_in, *fan_out)
+    if factors.layout.order:
+        d = jnp.transpose(d, factors.layout.from_factor_order(d.ndim))
+    return d
 
 
 def check_fit(path: str, weight: Any, factors: LoraFactors) -> None:
     """Raises :class:`AdapterMismatchError` if ``factors`` cannot adapt ``weight`` (trace time)."""
     shape = tuple(weight.shape)
     layout = factors.layout
-    stack = layout.stack_ndim(shape)
     rank = factors.rank
-    expected = layout.factor_shapes(shape, rank) if stack >= 0 else None
+    expected = layout.factor_shapes(shape, rank) if layout.fits(len(shape)) else None
     found = (tuple(factors.a.shape), tuple(factors.b.shape))
     if expected != found:
         raise AdapterMismatchError(
@@ -74,12 +76,12 @@ def _combine(w: Any, factors: LoraFactors, subtract: bool) -> jax.Array:
     w32 = jnp.asarray(w).astype(jnp.float32)
     d = factor_delta(factors)
     out = (w32 - d if subtract else w32 + d).astype(w.dtype)
-    if (
-        isinstance(w, jax.Array)
-        and not isinstance(w, jax.core.Tracer)
-        and out.sharding != w.sharding
-    ):
-        out = jax.device_put(out, w.sharding)  # a merged weight keeps its base weight's sharding
+    # A merged weight keeps its base weight's sharding. Under a trace (jit with the params closed
+    # over, grad without jit, vmap over adapters) the result is a tracer even when `w` is concrete:
+    # its sharding is the compiler's to choose, and asking a tracer for it raises.
+    concrete = not isinstance(w, jax.core.Tracer) and not isinstance(out, jax.core.Tracer)
+    if concrete and isinstance(w, jax.Array) and out.sharding != w.sharding:
+        out = jax.device_put(out, w.sharding)
     return out
 
 

@@ -9,7 +9,8 @@ A kind knows, from the module's own attributes, which axes of its weight are fan
   moved last (in sorted order, the order ``dot_general`` contracts them in).
 * ``nnx.Einsum``: each kernel letter is *shared* (in the input and the output: a stack axis ``s``
   with one adapter per index, e.g. per head), *contracted* (input only: fan-in) or *produced*
-  (output only: fan-out). The kernel's letters must come in that order.
+  (output only: fan-out), in any order (:mod:`jlora._einsum`); ``LoraConfig.layouts`` may fold
+  shared letters into fan-in or fan-out, or make any letter a stack axis.
 * ``nnx.Conv``: kernel ``(*window, c_in, c_out)``, layout ``"i" * (window + 1) + "o"``.
 * ``nnx.Embed``: table ``(vocab, features)``, layout ``"vo"``; both the lookup and ``attend``.
 
@@ -20,8 +21,6 @@ Leading weight axes beyond the layer's own (``nnx.vmap``-created stacks of layer
 from __future__ import annotations
 
 import dataclasses
-import re
-import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import ops
+from . import _einsum, ops
 from ._errors import AdapterMismatchError, TargetError
 from ._factors import LoraFactors
+from ._layout import Layout
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed"
 
@@ -49,12 +49,16 @@ class Kind:
             :class:`TargetError` for configurations jlora cannot adapt.
         term: ``(module, x, y_dtype, factors, rate, rng, *args, **kwargs) -> LoRA term``, given
             the layer's input and call arguments; added to the base output.
+        choose: ``(module, path, chosen) -> layout string`` when ``LoraConfig.layouts`` gives a
+            layout for the weight (raises :class:`TargetError` if it does not fit); None for
+            kinds whose layout is fixed by the module.
     """
 
     name: str
     weight: str
     spec: Callable[[Any, str], str]
     term: Term
+    choose: Callable[[Any, str, Layout], str] | None = None
 
 
 def _floating(x: jax.Array, dtype: Any) -> jax.Array:
@@ -82,55 +86,38 @@ def _linear_general_term(module, x, dtype, f, rate, rng, *args, **kwargs):
     return ops.dense_branch(_floating(x, dtype), f, dropout_rate=rate, rng=rng)
 
 
-def _einsum_parts(equation: str, path: str) -> tuple[str, str, str, str]:
-    """``(lhs, kernel, out, letter kinds of the kernel)``, validated for LoRA."""
-    equation = equation.replace(" ", "")
-    operands, _, out = equation.partition("->")
-    lhs, _, kernel = operands.partition(",")
-    problem = None
-    if "..." in kernel:
-        problem = "its kernel operand has an ellipsis"
-    else:
-        kinds = "".join(
-            ("s" if c in out else "i") if c in lhs else ("o" if c in out else "?") for c in kernel
-        )
-        if "?" in kinds:
-            problem = "a kernel axis is summed away (in neither the input nor the output)"
-        elif not re.fullmatch(r"s*i+o+", kinds):
-            problem = (
-                f"its kernel axes {kernel!r} are {kinds!r} (s shared, i contracted, o produced); "
-                "jlora needs them in the order shared, contracted, produced, e.g. "
-                "'btd,dhk->bthk' or 'bthk,hkj->bthj'"
-            )
-    if problem:
-        raise TargetError(
-            f"{path}: nnx.Einsum {equation!r} cannot be adapted: {problem}. Exclude this path"
-        )
-    return lhs, kernel, out, kinds
+def _equation(equation: str, path: str) -> _einsum.Equation:
+    try:
+        return _einsum.parse(equation)
+    except _einsum.EinsumUnsupported as e:
+        raise TargetError(f"{path}: nnx.Einsum cannot be adapted: {e}. Exclude this path") from None
 
 
 def _einsum_spec(module: nnx.Einsum, path: str) -> str:
-    return _einsum_parts(module.einsum_str, path)[3]
+    return _equation(module.einsum_str, path).roles
+
+
+def _einsum_choose(module: nnx.Einsum, path: str, chosen: Layout) -> str:
+    eq = _equation(module.einsum_str, path)
+    try:
+        return _einsum.layout_for(eq, chosen).roles(len(eq.kernel))
+    except _einsum.EinsumUnsupported as e:
+        raise TargetError(f"{path}: {e}") from None
 
 
 def _einsum_term(module, x, dtype, f, rate, rng, *args, **kwargs):
     equation = (args[0] if args else kwargs.get("einsum_str")) or module.einsum_str
     path = getattr(module, "lora_path", "nnx.Einsum")
-    lhs, kernel, out, kinds = _einsum_parts(equation, path)
-    if kinds.count("i") != f.layout.fan_in_ndim or f.a.ndim != len(kernel) - kinds.count("o") + 1:
+    eq = _equation(equation, path)
+    roles = f.layout.roles(len(eq.kernel))
+    if len(roles) != len(eq.kernel) or f.a.ndim != len(roles) - roles.count("o") + 1:
         raise AdapterMismatchError(
             f"{path}: einsum {equation!r} does not fit the adapter (factors a {f.a.shape}, layout "
             f"{f.layout}); call the layer with the equation it was adapted with, one layer at a "
             "time (nnx.scan slices stacked factors)"
         )
-    shared = "".join(c for c, k in zip(kernel, kinds, strict=True) if k == "s")
-    contracted = "".join(c for c, k in zip(kernel, kinds, strict=True) if k == "i")
-    produced = "".join(c for c, k in zip(kernel, kinds, strict=True) if k == "o")
-    r = next(c for c in string.ascii_letters if c not in equation)
-    mid = "".join(c for c in out if c not in produced) + r
     x = ops.dropout(_floating(x, dtype), rate, rng)
-    xa = jnp.einsum(f"{lhs},{shared}{contracted}{r}->{mid}", x, f.a.astype(x.dtype))
-    return jnp.einsum(f"{mid},{shared}{r}{produced}->{out}", xa * f.scale, f.b.astype(x.dtype))
+    return _einsum.term(eq, f.layout, x, f.a, f.b, f.scale)
 
 
 def _conv_spec(module: nnx.Conv, path: str) -> str:
@@ -205,7 +192,7 @@ KINDS: tuple[tuple[type, Kind], ...] = (
         nnx.LinearGeneral,
         Kind("nnx.LinearGeneral", "kernel", _linear_general_spec, _linear_general_term),
     ),
-    (nnx.Einsum, Kind("nnx.Einsum", "kernel", _einsum_spec, _einsum_term)),
+    (nnx.Einsum, Kind("nnx.Einsum", "kernel", _einsum_spec, _einsum_term, _einsum_choose)),
     (nnx.Conv, Kind("nnx.Conv", "kernel", _conv_spec, _conv_term)),
     (nnx.Embed, Kind("nnx.Embed", "embedding", _fixed("vo"), _embed_lookup_term)),
 )

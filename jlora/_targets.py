@@ -94,9 +94,9 @@ def select(params: Any, config: LoraConfig) -> list[Target]:
         shape = tuple(leaf.shape)
         spec = config.layout_for(path)
         layout = default_layout(path, shape) if spec is None else Layout.parse(spec)
-        if layout.stack_ndim(shape) < 0:
+        if not layout.fits(len(shape)):
             raise TargetError(
-                f"{path}: layout {spec!r} needs at least {layout.fan_in_ndim + layout.fan_out_ndim} "
+                f"{path}: layout {spec!r} needs at least {layout.own_ndim} "
                 f"axes but the weight has shape {shape}; fix LoraConfig.layouts for this path"
             )
         rank = config.rank_for(path)

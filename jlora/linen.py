@@ -136,7 +136,16 @@ class LoraModel:
             >>> jlora.linen.lora(model, jlora.LoraConfig(targets="kernel")).infer_layouts(params, x)
             {'kernel': 'ioo'}
         """
-        seen = trace(self.model, params, args, kwargs, self._variables(variables), rngs, method)
+        seen = trace(
+            self.model,
+            params,
+            args,
+            kwargs,
+            self._variables(variables),
+            rngs,
+            method,
+            self.config,
+        )
         out = {}
         for path, leaf in leaves_with_paths(params):
             owner, _, name = path.rpartition("/")
@@ -193,7 +202,16 @@ class LoraModel:
             >>> f.a.shape, f.b.shape
             ((3, 3, 2, 2), (2, 6))
         """
-        seen = trace(self.model, params, args, kwargs, self._variables(variables), rngs, method)
+        seen = trace(
+            self.model,
+            params,
+            args,
+            kwargs,
+            self._variables(variables),
+            rngs,
+            method,
+            self.config,
+        )
         layouts = []
         for path, leaf in leaves_with_paths(params):
             if not self.config.selects(path):
@@ -270,7 +288,7 @@ class LoraModel:
                 "lora_train=False to evaluate"
             )
         table = factors_by_path(adapters)
-        applier = Applier(rate, self.rng_stream)
+        applier = Applier(rate, self.rng_stream, self.config)
         with nn.intercept_methods(applier):
             result = self.model.apply(
                 {"params": inject(params, table), **variables},

@@ -53,6 +53,7 @@ from flax import nnx
 from ._config import LoraConfig
 from ._errors import MissingRngError, TargetError
 from ._factors import init
+from ._layout import Layout
 from ._merge import factors_by_path
 from ._nnx_adapted import LoraParam, attach, check_free, is_adapted
 from ._nnx_convert import (
@@ -116,6 +117,23 @@ def _dropout_stream(rngs: nnx.Rngs, stack: tuple[int, ...]) -> Any:
     # One independent stream per stacked layer (key shape = stack shape), so nnx.scan hands each
     # layer its own slice of the stream, as it does the kernel and the factors.
     return nnx.Rngs(dropout=jax.random.split(key, stack) if stack else key)["dropout"]
+
+
+def _spec(kind: Any, module: Any, path: str, where: str, config: LoraConfig) -> str:
+    """The layer's own layout string: the kind's, or the one ``config.layouts`` chooses."""
+    spec = kind.spec(module, where)
+    given = config.layout_for(path)
+    if given is None:
+        return spec
+    chosen = Layout.parse(given)
+    if kind.choose is not None:
+        return kind.choose(module, where, chosen)
+    if chosen != Layout.parse(spec):
+        raise TargetError(
+            f"{path}: LoraConfig.layouts gives {given!r}, but {kind.name} fixes its layout "
+            f"({spec!r}); only einsum kernels take a chosen layout. Remove the entry"
+        )
+    return spec
 
 
 def lora(
@@ -182,7 +200,7 @@ def lora(
                 "(jlora.nnx.merge) or load other adapters with jlora.nnx.set_adapters"
             )
         check_free(module, _where(parts[:-1]))
-        spec = kind.spec(module, _where(parts[:-1]))
+        spec = _spec(kind, module, path, _where(parts[:-1]), config)
         n_stack = len(var.shape) - len(spec)
         if n_stack < 0:
             raise TargetError(

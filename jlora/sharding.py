@@ -1,6 +1,7 @@
 """Shardings for adapter factors, derived from the base weights' shardings.
 
-A weight ``W0: (*stack, *fan_in, *fan_out)`` sharded by ``PartitionSpec(*s, *i, *o)`` gives
+A weight ``W0: (*stack, *fan_in, *fan_out)`` sharded by ``PartitionSpec(*s, *i, *o)`` gives (for
+a weight whose axes come in another order, e.g. layout ``"oio"``, each entry goes with its axis)
 
     a: (*stack, *fan_in, r)   ->  PartitionSpec(*s, *i, None)
     b: (*stack, r, *fan_out)  ->  PartitionSpec(*s, None, *o)
@@ -37,8 +38,7 @@ def _is_spec(x: Any) -> bool:
 
 
 def _spec_pair(path: str, spec: PartitionSpec | None, f: LoraFactors) -> tuple[PartitionSpec, ...]:
-    n_in, n_out = f.layout.fan_in_ndim, f.layout.fan_out_ndim
-    ndim = f.a.ndim - 1 + n_out
+    ndim = f.a.ndim - 1 + f.layout.fan_out_ndim
     entries = tuple(spec) if spec is not None else ()
     if len(entries) > ndim:
         raise AdapterMismatchError(
@@ -46,12 +46,7 @@ def _spec_pair(path: str, spec: PartitionSpec | None, f: LoraFactors) -> tuple[P
             f"axes (a {f.a.shape}, b {f.b.shape}); give at most one entry per weight axis"
         )
     entries = entries + (None,) * (ndim - len(entries))
-    n_stack = ndim - n_in - n_out
-    stack, fan_in, fan_out = (
-        entries[:n_stack],
-        entries[n_stack : n_stack + n_in],
-        entries[n_stack + n_in :],
-    )
+    stack, fan_in, fan_out = f.layout.split(entries)
     return PartitionSpec(*stack, *fan_in, None), PartitionSpec(*stack, None, *fan_out)
 
 

@@ -95,7 +95,7 @@ def test_dtype_normalised():
         ({"rank_pattern": {"(": 2}}, r"LoraConfig.rank_pattern: '\(' is not a valid regular"),
         ({"init": "xavier"}, r"LoraConfig.init: 'xavier' is unknown; expected one of"),
         ({"dtype": "int32"}, r"LoraConfig.dtype: 'int32' is not a floating dtype"),
-        ({"layouts": {".*": "oi"}}, r"LoraConfig.layouts\['.\*'\]: layout 'oi' is not a layout"),
+        ({"layouts": {".*": "os"}}, r"LoraConfig.layouts\['.\*'\]: layout 'os' is not a layout"),
         ({"use_rslora": 1}, r"use_rslora: 1 is not a bool"),
     ],
 )

@@ -521,16 +521,17 @@ def _init_adapters(model, x, targets, **config):
             r"kernel: nn.Conv with a mask",
         ),
         (
-            nn.Einsum((3, 4), "bd,kd->bk"),
+            nn.Einsum((4, 3), "bd,dk->b"),
             X4,
             "kernel",
-            r"kernel: einsum 'bd,kd->bk': the kernel's axes 'kd' must be contracted letters",
+            r"kernel: einsum 'bd,dk->b': kernel letter\(s\) \['k'\] are summed away",
         ),
         (
-            nn.Einsum((2, 4, 3), "hbd,hdk->hbk"),
-            jnp.ones((2, 5, 4)),
+            nn.Einsum((4, 3), "bd,dk->bdk"),
+            X4,
             "kernel",
-            r"found contracted 'd' and output 'k'\. Batch letters",
+            r"kernel: einsum 'bd,dk->bdk': its kernel letters 'dk' are 'so' .* needs at least "
+            r"one contracted letter",
         ),
         (
             ReadsTable(),
@@ -607,8 +608,8 @@ def test_adapters_with_a_wrong_layout_or_on_an_unknown_layer():
     )
     with pytest.raises(
         AdapterMismatchError,
-        match=r"kernel: the adapter has 2 fan-in and 1 fan-out axes but this nn.DenseGeneral "
-        r"weight has 1 and 2",
+        match=r"kernel: the adapter's layout is 'iio' but this nn.DenseGeneral weight's is "
+        r"'ioo'; the adapters were made with a wrong layout",
     ):
         jlora.linen.lora(model, LoraConfig(targets="kernel")).apply(params, wrong, X4)
     params = random_variables(Custom(), X4)["params"]
