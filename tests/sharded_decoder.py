@@ -27,6 +27,7 @@ import jlora.linen
 MODEL = Decoder(vocab=20, d_model=16, heads=4, head_dim=6, d_ff=40, layers=3)
 BATCH, SEQ = 6, 9
 RANK = 7
+LR = 1e-2  # Adam's learning rate in every run
 LAYOUTS = {
     "embed/embedding": "vo",
     "layers/attn/query/kernel": "sioo",
@@ -92,12 +93,17 @@ def lora_step(tx):
     return step
 
 
-def train(params, x, y, steps: int):
-    """Sharded adapters from ``lsh.init``, trained ``steps`` Adam steps: ``(losses, adapters)``."""
+def initial_adapters(params):
+    """The adapters ``train`` starts from: ``jlora.sharding.init`` on the params' shardings."""
     from jlora import sharding as lsh
 
-    adapters = lsh.init(jax.random.key(1), params, CONFIG)
-    tx = optax.adam(1e-2)
+    return lsh.init(jax.random.key(1), params, CONFIG)
+
+
+def train(params, x, y, steps: int):
+    """Sharded adapters from ``lsh.init``, trained ``steps`` Adam steps: ``(losses, adapters)``."""
+    adapters = initial_adapters(params)
+    tx = optax.adam(LR)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = jax.jit(tx.init)(adapters)
     step = jax.jit(lora_step(tx))

@@ -8,23 +8,22 @@ import jlora
 from jlora import AdapterMismatchError, Layout, LoraConfig, LoraFactors
 from jlora import analysis as an
 
-RNG = np.random.default_rng(0)
 
-
-def orthonormal(n, k):
-    q, _ = np.linalg.qr(RNG.normal(size=(n, k)))
+def orthonormal(rng, n, k):
+    q, _ = np.linalg.qr(rng.normal(size=(n, k)))
     return q
 
 
-def rotation(k):
-    q, _ = np.linalg.qr(RNG.normal(size=(k, k)))
+def rotation(rng, k):
+    q, _ = np.linalg.qr(rng.normal(size=(k, k)))
     return q
 
 
 def test_identical_orthogonal_and_rotated_subspaces():
-    u = orthonormal(10, 4)
+    rng = np.random.default_rng(0)
+    u = orthonormal(rng, 10, 4)
     assert an.subspace_similarity(u, u) == pytest.approx(1.0, abs=1e-12)
-    rotated = u @ rotation(4)  # the same span, other basis
+    rotated = u @ rotation(rng, 4)  # the same span, other basis
     assert an.subspace_similarity(u, rotated) == pytest.approx(1.0, abs=1e-12)
     assert an.grassmann_distance(u, rotated) == pytest.approx(0.0, abs=1e-6)
     complement = np.linalg.svd(np.eye(10) - u @ u.T)[0][:, :6]
@@ -48,7 +47,8 @@ def test_grassmann_distance_of_known_principal_angles():
 
 
 def test_grid_matches_the_definition():
-    u1, u2 = orthonormal(12, 5), orthonormal(12, 3)
+    rng = np.random.default_rng(1)
+    u1, u2 = orthonormal(rng, 12, 5), orthonormal(rng, 12, 3)
     grid = an.subspace_similarity_grid(u1, u2)
     assert grid.shape == (5, 3)
     for i in range(1, 6):
@@ -107,9 +107,10 @@ def test_update_projection_known_amplification():
 
 
 def test_update_projection_of_a_real_adapter_is_invariant_to_refactoring():
-    w = RNG.normal(size=(16, 12))
-    a, b = RNG.normal(size=(16, 2)), RNG.normal(size=(2, 12))
-    q = rotation(2)
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(16, 12))
+    a, b = rng.normal(size=(16, 2)), rng.normal(size=(2, 12))
+    q = rotation(rng, 2)
     p1 = an.update_projection(w, a @ b, rank=2)
     p2 = an.update_projection(w, (a @ q) @ (q.T @ b), rank=2)  # same delta, other factors
     assert p1.onto_delta == pytest.approx(p2.onto_delta, rel=1e-9)
@@ -145,7 +146,8 @@ def test_adapter_tuning_count_matches_a_built_tree():
 def test_plot_writes_an_image(tmp_path):
     import matplotlib.image
 
-    grid = an.subspace_similarity_grid(orthonormal(8, 4), orthonormal(8, 6))
+    rng = np.random.default_rng(3)
+    grid = an.subspace_similarity_grid(orthonormal(rng, 8, 4), orthonormal(rng, 8, 6))
     out = an.plot_subspace_similarity(grid, str(tmp_path / "phi.png"), title="A_r=4 vs A_r=6")
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 50

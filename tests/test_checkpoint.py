@@ -52,7 +52,7 @@ def _assert_same_adapters(got, expected):
     for path, f in exp_t.items():
         g = got_t[path]
         assert (g.scale, g.layout) == (f.scale, f.layout), path
-        np.testing.assert_array_equal(g.a, f.a)
+        np.testing.assert_array_equal(g.a, f.a)  # exact: a round trip only moves data
         np.testing.assert_array_equal(g.b, f.b)
         assert g.a.dtype == f.a.dtype and g.b.dtype == f.b.dtype
 
@@ -97,6 +97,7 @@ def test_restore_into_an_abstract_target_casts_to_its_dtypes(tmp_path):
     f = restored["layers_1"]["attn"]["value"]["kernel"]
     expected = adapters["layers_1"]["attn"]["value"]["kernel"]
     assert f.a.dtype == jnp.bfloat16
+    # Exact: a float32 -> bfloat16 cast is correctly rounded, whoever performs it.
     np.testing.assert_array_equal(_bits(f.a), _bits(jnp.asarray(expected.a, jnp.bfloat16)))
 
 
@@ -372,6 +373,8 @@ def test_merge_checkpoint_equals_the_in_memory_merge_bit_for_bit(tmp_path):
     expected = jlora.merge(params, adapters)
     got = _load_merged(tmp_path / "out")
     assert jax.tree.structure(got) == jax.tree.structure(expected)
+    # Exact, as documented: merge_checkpoint calls jlora.merge leaf by leaf, the same eager ops
+    # on the same shapes on one device; the other leaves are copied.
     for path, leaf in jlora._paths.leaves_with_paths(expected):
         value = dict(jlora._paths.leaves_with_paths(got))[path]
         if np.ndim(leaf) == 0:
@@ -391,7 +394,7 @@ def test_merge_checkpoint_equals_the_in_memory_merge_bit_for_bit(tmp_path):
     # The merged checkpoint reads with the v0 API too, and is itself a base for another merge.
     with ocp.StandardCheckpointer() as ckptr:
         v0 = ckptr.restore(tmp_path / "out" / "state")
-    np.testing.assert_array_equal(v0["stacked"], expected["stacked"])
+    np.testing.assert_array_equal(v0["stacked"], expected["stacked"])  # exact: data read back
     checkpoint.save(tmp_path / "adapter2", adapters, CONFIG)
     checkpoint.merge_checkpoint(tmp_path / "out", tmp_path / "adapter2", tmp_path / "twice")
     twice = _load_merged(tmp_path / "twice")
@@ -446,7 +449,7 @@ def test_merge_holds_a_bounded_number_of_bytes_at_once(tmp_path, monkeypatch):
     assert not live  # nothing kept after the merge
     got = _load_merged(tmp_path / "out")
     expected = jlora.merge(params, adapters)
-    for name in ("block_0", "block_25", "block_47"):
+    for name in ("block_0", "block_25", "block_47"):  # exact: the same merge code, see above
         np.testing.assert_array_equal(got[name]["kernel"], expected[name]["kernel"])
 
 

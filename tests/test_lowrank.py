@@ -61,6 +61,7 @@ def test_autoencoder_factors_are_two_default_dense_kernels():
     a, b = init_factors(key, N_IN, N_OUT, RANK, init_scheme="autoencoder")
     k1, k2 = jax.random.split(key)
     dense = nn.Dense(RANK).kernel_init  # Flax's default Dense kernel init: lecun_normal
+    # Exact: the same initialiser on the same keys and shapes (element-wise maths, no sums).
     np.testing.assert_array_equal(a, dense(k1, (N_IN, RANK), jnp.float32))
     np.testing.assert_array_equal(b, dense(k2, (RANK, N_OUT), jnp.float32))
 
@@ -77,6 +78,7 @@ def test_linen_and_nnx_layers_compute_x_a_b_plus_bias(scheme):
     }
     layer = LowRankLinear(N_IN, N_OUT, RANK, init_scheme=scheme, rngs=nnx.Rngs(0))
     a, b = init_factors(nnx.Rngs(0).params(), N_IN, N_OUT, RANK, init_scheme=scheme)
+    # Exact: the layer calls init_factors with this very key.
     np.testing.assert_array_equal(layer.a[...], a)
     np.testing.assert_array_equal(layer.b[...], b)
     for y, p in (

@@ -20,6 +20,7 @@ import pytest
 import sharded_decoder as sd
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numerics import EPS32, assert_same_adam_trajectory
 
 import jlora
 
@@ -84,8 +85,9 @@ def _reference():
     params = jax.device_put(params, shardings)
     on_data = NamedSharding(mesh, P("data", None))
     x, y = (jax.device_put(v, on_data) for v in sd.batch())
+    start = sd.initial_adapters(params)
     losses, adapters = sd.train(params, x, y, STEPS)
-    return losses, dict(jlora._paths.leaves_with_paths(adapters))
+    return losses, dict(jlora._paths.leaves_with_paths(adapters)), start
 
 
 @pytest.mark.slow
@@ -95,7 +97,7 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
     previous = jax.config.read("jax_disable_most_optimizations")
     try:
         jax.config.update("jax_disable_most_optimizations", True)  # as in the workers
-        want_losses, want = _reference()  # while the workers run
+        want_losses, want, start = _reference()  # while the workers run
     except BaseException:
         _stop(started, time.monotonic())
         raise
@@ -105,22 +107,28 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
     assert not failures, "\n\n".join(failures)
     runs = [np.load(tmp_path / f"process_{i}.npz") for i in range(2)]
 
-    # Both processes saw the same (replicated) losses, equal to the single-process run's.
+    # Both processes saw the same losses (exact: one program's replicated value), equal to the
+    # single-process run's to round-off (another program: other collectives, other sum orders).
+    # The loss is a mean of BATCH * SEQ positive terms; training moves it by > 10%.
     np.testing.assert_array_equal(runs[0]["losses"], runs[1]["losses"])
-    np.testing.assert_allclose(runs[0]["losses"], want_losses, rtol=1e-6)
-    assert want_losses[-1] < want_losses[0]
+    np.testing.assert_allclose(runs[0]["losses"], want_losses, rtol=sd.BATCH * sd.SEQ * EPS32)
+    assert want_losses[-1] < 0.9 * want_losses[0]
 
     # Factors: shards agree where both processes hold them, cover everything, equal the reference.
     split = 0
+    starts = dict(jlora._paths.leaves_with_paths(start))
     for path, reference in want.items():
         views = [run[f"trained/{path}"] for run in runs]
         held = [~np.isnan(v) for v in views]
         both = held[0] & held[1]
+        # Exact: replicas of one program's output.
         np.testing.assert_array_equal(views[0][both], views[1][both], err_msg=path)
         assert (held[0] | held[1]).all(), f"{path}: elements on neither process"
         split += int(not both.all())
         trained = np.where(held[0], views[0], views[1])
-        np.testing.assert_allclose(trained, reference, rtol=1e-5, atol=1e-6, err_msg=path)
+        assert_same_adam_trajectory(
+            trained, reference, starts[path], lr=sd.LR, steps=STEPS, err_msg=path
+        )
         # Restored onto the Megatron layout (replicated across processes): exactly as saved.
         for run in runs:
             np.testing.assert_array_equal(run[f"restored/{path}"], trained, err_msg=path)

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numerics import assert_same_adam_trajectory
 from trees import random_factors, transformer_params
 
 import jlora
@@ -64,9 +65,10 @@ def test_lora_plus_equals_separately_configured_optimizers(name, ratio):
     got = _run(lora_plus(make(SCHEDULE), ratio), adapters)
     expected = _run(_reference(make, ratio, adapters), adapters)
     # Compiled separately, XLA may contract p + lr * u into a fused multiply-add in one program
-    # and not the other: agreement to a few float32 ulps over five steps.
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-6)
+    # and not the other: agreement to round-off over five steps of at most b's learning rate.
+    lr = ratio * float(np.max([SCHEDULE(t) for t in range(5)]))
+    for x, y, start in zip(*map(jax.tree.leaves, (got, expected, adapters)), strict=True):
+        assert_same_adam_trajectory(x, y, start, lr=lr, steps=5)
 
 
 def test_lora_plus_is_bit_exact_for_a_power_of_two_ratio_op_by_op():
@@ -90,6 +92,8 @@ def test_lora_plus_scales_b_and_leaves_a_as_the_optimizer_has_it():
         u_plus, _ = boosted.update(grads, boosted.init(adapters))
     f_plain = u_plain["layers_0"]["attn"]["query"]["kernel"]
     f_plus = u_plus["layers_0"]["attn"]["query"]["kernel"]
+    # Exact: a's updates are the same ops; b's are scaled by a power of two, which commutes with
+    # rounding; and -0.5 g is one exact scaling too.
     np.testing.assert_array_equal(f_plus.a, f_plain.a)
     np.testing.assert_array_equal(f_plus.b, 4.0 * np.asarray(f_plain.b))
     g = np.asarray(grads["layers_0"]["attn"]["query"]["kernel"].b, np.float64)
@@ -166,10 +170,11 @@ def test_freeze_base_keeps_the_base_bit_identical_and_out_of_the_state():
             alone_updates, alone_state = separate.update(alone_grads, alone_state, alone)
             alone = optax.apply_updates(alone, alone_updates)
     for x0, x1 in zip(jax.tree.leaves(params), jax.tree.leaves(tree["params"]), strict=True):
-        np.testing.assert_array_equal(
+        np.testing.assert_array_equal(  # exact: the frozen base is never written
             np.asarray(x0).view(np.uint32), np.asarray(x1).view(np.uint32)
         )
-    # The factors train exactly as they would as their own tree.
+    # The factors train exactly as they would as their own tree: exact, as both runs take the
+    # same compiled gradient and the same op-by-op Adam arithmetic on the same shapes.
     for x0, x1 in zip(jax.tree.leaves(alone), jax.tree.leaves(tree["lora"]), strict=True):
         np.testing.assert_array_equal(x0, x1)
     trained = tree["lora"]["layers_0"]["mlp"]["up"]["kernel"]

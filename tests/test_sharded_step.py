@@ -18,6 +18,7 @@ import sharded_decoder as sd
 from hlo_collectives import Array, arrays, collectives, table
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numerics import EPS32, assert_same_adam_trajectory
 
 import jlora
 import jlora.checkpoint
@@ -65,7 +66,7 @@ def _setup() -> Setup:
     x, y = sd.batch()
     on_data = NamedSharding(mesh, P("data", None))
     sharded_batch = (jax.device_put(x, on_data), jax.device_put(y, on_data))
-    tx = optax.adam(1e-2)
+    tx = optax.adam(sd.LR)
     return Setup(
         mesh, params, shardings, sharded_params, adapters, (x, y), sharded_batch, tx,
         jax.jit(sd.lora_step(tx)),
@@ -106,6 +107,7 @@ def test_adapters_are_created_on_their_factor_shardings(setup):
     assert q.b.addressable_shards[0].data.shape == (3, sd.RANK, 1, 6)
     assert out.a.addressable_shards[0].data.shape == (3, 1, 6, sd.RANK)
     assert up.a.addressable_shards[0].data.shape == (3, 16, sd.RANK)  # replicated
+    # Exact, as design.md promises: sharded init is the same jitted init with out_shardings.
     for x, y in zip(
         jax.tree.leaves(setup.adapters),
         jax.tree.leaves(jlora.init(jax.random.key(1), setup.params, sd.CONFIG)),
@@ -121,8 +123,11 @@ def test_sharded_step_matches_one_device(setup):
     single, single_losses = _train(
         setup.step, setup.tx, jax.device_get(setup.adapters), setup.params, *setup.batch
     )
-    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-6)
-    assert sharded_losses[-1] < sharded_losses[0]  # training, not standing still
+    # Two programs (sharded sums, collectives) agree to round-off, not bit for bit. The loss is
+    # a mean of BATCH * SEQ positive cross entropies; a bug moves it by about the training's own
+    # change (> 10% here), a thousand times the tolerance.
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=sd.BATCH * sd.SEQ * EPS32)
+    assert sharded_losses[-1] < 0.9 * sharded_losses[0]  # training, not standing still
     for got, want, start in zip(
         jax.tree.leaves(sharded),
         jax.tree.leaves(single),
@@ -131,7 +136,7 @@ def test_sharded_step_matches_one_device(setup):
     ):
         assert got.sharding.is_equivalent_to(start.sharding, got.ndim)  # factors stay put
         assert len(got.devices()) == 8
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        assert_same_adam_trajectory(got, want, start, lr=sd.LR, steps=STEPS)
 
 
 def test_sharded_checkpoint_restores_onto_another_layout(setup, tmp_path):
@@ -148,7 +153,7 @@ def test_sharded_checkpoint_restores_onto_another_layout(setup, tmp_path):
         strict=True,
     ):
         assert got.sharding == s
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, want)  # exact: a checkpoint round trip moves data
     q = restored["layers"]["attn"]["query"]["kernel"]
     assert q.a.addressable_shards[0].data.shape == (3, 16 // 2, sd.RANK)
 

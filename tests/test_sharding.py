@@ -7,6 +7,7 @@ import pytest
 import sharded_decoder as sd
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numerics import assert_merge_within_roundoff
 from trees import random_factors, transformer_params
 
 import jlora
@@ -95,6 +96,8 @@ def test_sharded_init_equals_init_and_lands_on_shardings(mesh):
     key = jax.random.key(3)
     sharded = lsh.init(key, sharded_params, config)
     plain = jlora.init(key, params, config)
+    # Exact, as design.md promises: one jitted init function (sharding only adds out_shardings),
+    # threefry bits that do not depend on the sharding, and element-wise maths with no sums.
     for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
         np.testing.assert_array_equal(x, y)
     q = sharded["layers_0"]["attn"]["query"]["kernel"]
@@ -115,9 +118,11 @@ def test_merge_keeps_every_weight_on_its_sharding(mesh):
     merged = jlora.merge(sharded_params, adapters)
     for m, s in zip(jax.tree.leaves(merged), jax.tree.leaves(shardings), strict=True):
         assert m.sharding == s
-    expected = jlora.merge(params, jax.device_get(adapters))
-    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_array_equal(x, y)
+    # Not bit-equal to an unsharded merge: XLA:CPU may sum a column-parallel shard's products in
+    # another order (its dot kernels choose by output width). Both are within round-off of float64.
+    base, got = (dict(jlora._paths.leaves_with_paths(t)) for t in (params, merged))
+    for path, f in jlora._merge.factors_by_path(jax.device_get(adapters)).items():
+        assert_merge_within_roundoff(got[path], base[path], f, err_msg=path)
 
 
 # The scanned decoder: stacked (layers, ...) weights, 2-D sharded --------------------------------
@@ -147,12 +152,7 @@ def test_merge_keeps_the_sharding_of_stacked_scanned_weights(mesh):
     for name in ("query", "out"):
         f = adapters["layers"]["attn"][name]["kernel"]
         w = params["layers"]["attn"][name]["kernel"]
-        a = f.a.astype(np.float64).reshape(3, -1, sd.RANK)
-        b = f.b.astype(np.float64).reshape(3, sd.RANK, -1)
-        want = w + f.scale * np.matmul(a, b).reshape(w.shape)  # float64 reference
-        np.testing.assert_allclose(
-            merged["layers"]["attn"][name]["kernel"], want, rtol=1e-6, atol=1e-6
-        )
+        assert_merge_within_roundoff(merged["layers"]["attn"][name]["kernel"], w, f, err_msg=name)
     assert merged["layers"]["up"]["kernel"] is sharded_params["layers"]["up"]["kernel"]
 
 
@@ -161,7 +161,7 @@ def test_init_takes_partition_specs_with_a_mesh(mesh):
     config = LoraConfig(targets="w", rank=2)
     adapters = lsh.init(jax.random.key(0), params, config, {"w": P("model", None)}, mesh=mesh)
     assert adapters["w"].a.sharding == NamedSharding(mesh, P("model", None))
-    np.testing.assert_array_equal(
+    np.testing.assert_array_equal(  # exact: the same jitted init, as above
         adapters["w"].a, jlora.init(jax.random.key(0), params, config)["w"].a
     )
     with pytest.raises(
