@@ -8,17 +8,22 @@ from . import ops as ops
 from ._config import LoraConfig as LoraConfig
 from ._count import ParamCount as ParamCount
 from ._count import count_params as count_params
+from ._custom import CustomLayer as CustomLayer
 from ._errors import AdapterMismatchError as AdapterMismatchError
 from ._errors import ConfigError as ConfigError
 from ._errors import MissingRngError as MissingRngError
 from ._errors import NotAnArrayError as NotAnArrayError
+from ._errors import SkippedTargetsWarning as SkippedTargetsWarning
 from ._errors import TargetError as TargetError
+from ._extras import Trainable as Trainable
 from ._factors import LoraFactors as LoraFactors
 from ._factors import init as init
 from ._layout import Layout as Layout
 from ._merge import delta as delta
 from ._merge import merge as merge
 from ._merge import unmerge as unmerge
+from ._summary import AdapterSummary as AdapterSummary
+from ._summary import summary as summary
 
 __version__ = "0.1.0"
 
@@ -37,18 +42,23 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterMismatchError",
+    "AdapterSummary",
     "ConfigError",
+    "CustomLayer",
     "Layout",
     "LoraConfig",
     "LoraFactors",
     "MissingRngError",
     "NotAnArrayError",
     "ParamCount",
+    "SkippedTargetsWarning",
     "TargetError",
+    "Trainable",
     "count_params",
     "delta",
     "init",
     "merge",
     "ops",
+    "summary",
     "unmerge",
 ]

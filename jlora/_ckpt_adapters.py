@@ -1,8 +1,9 @@
 """Saving and restoring adapters with their config as one orbax checkpoint.
 
-A checkpoint is an orbax composite checkpoint with two items: ``adapters`` (the factor arrays, as a
-nested dict mirroring the parameter paths) and ``jlora`` (JSON: the config, each adapter's layout
-and shapes, and optionally a fingerprint of the base; see ``_ckpt_format``). It is the layout orbax's
+A checkpoint is an orbax composite checkpoint with two items: ``adapters`` (the factor arrays, and
+the arrays of trainable extras, as a nested dict mirroring the parameter paths) and ``jlora`` (JSON:
+the config, each adapter's layout and shapes, each extra's shape and dtype, and optionally a
+fingerprint of the base; see ``_ckpt_format``). It is the layout orbax's
 ``CheckpointManager`` writes for ``save_args(...)``, so periodic checkpoints under a root
 directory (``root/<step>/``) and single checkpoints read back the same way.
 
@@ -23,8 +24,9 @@ from etils import epath
 from . import _ckpt_format as fmt
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError
+from ._extras import Trainable
 from ._factors import LoraFactors
-from ._merge import factors_by_path
+from ._merge import adapter_tables
 from ._paths import leaves_with_paths, nest
 
 ARRAYS = "adapters"
@@ -33,8 +35,10 @@ RECORD = "jlora"
 PathLike = str | os.PathLike
 
 
-def _arrays_tree(table: dict[str, LoraFactors]) -> dict[str, Any]:
-    return nest({path: {"a": f.a, "b": f.b} for path, f in table.items()})
+def _arrays_tree(table: dict[str, LoraFactors], extras: dict[str, Trainable]) -> dict[str, Any]:
+    # An extra's array sits at its own path: a weight's path is never a prefix of another's.
+    arrays = {path: {"a": f.a, "b": f.b} for path, f in table.items()}
+    return nest({**arrays, **{path: e.value for path, e in extras.items()}})
 
 
 def save_args(adapters: Any, config: LoraConfig, *, base: Any | None = None) -> ocp.args.Composite:
@@ -71,11 +75,11 @@ def save_args(adapters: Any, config: LoraConfig, *, base: Any | None = None) -> 
         >>> checkpoint.steps(root)
         [2, 3]
     """
-    table = fmt.check_adapters(adapters, config, base)
+    table, extras = fmt.check_adapters(adapters, config, base)
     return ocp.args.Composite(
         **{
-            ARRAYS: ocp.args.StandardSave(_arrays_tree(table)),
-            RECORD: ocp.args.JsonSave(fmt.record(table, config, base)),
+            ARRAYS: ocp.args.StandardSave(_arrays_tree(table, extras)),
+            RECORD: ocp.args.JsonSave(fmt.record(table, config, base, extras)),
         }
     )
 
@@ -144,7 +148,8 @@ def save(
 
     Args:
         directory: the checkpoint directory, or with ``step`` the root holding ``<step>/``.
-        adapters: the adapter pytree (``LoraFactors`` of arrays; sharded ``jax.Array`` s work).
+        adapters: the adapter pytree (``LoraFactors`` of arrays, and :class:`jlora.Trainable`
+            extras, saved exactly; sharded ``jax.Array`` s work).
         config: the config the adapters were made with (stored as JSON; scales derive from it).
         step: save to ``directory/<step>/`` (the layout of orbax's ``CheckpointManager``).
         base: optional base parameters; their paths, shapes and dtypes are recorded so that
@@ -171,6 +176,12 @@ def save(
         >>> restored, restored_config = checkpoint.restore(root)
         >>> restored_config == config, restored["w"].a.shape
         (True, (4, 2))
+        >>> params["head"] = jnp.arange(3.0)
+        >>> config = jlora.LoraConfig(targets="w", rank=2, trainable=("head",))
+        >>> adapters = jlora.init(jax.random.key(0), params, config)
+        >>> restored, _ = checkpoint.restore(checkpoint.save(root, adapters, config, step=101))
+        >>> restored["head"].value.tolist()
+        [0.0, 1.0, 2.0]
     """
     root = epath.Path(directory)
     path = root if step is None else root / str(_check_step(step))
@@ -193,11 +204,13 @@ def _read_record(path: epath.Path) -> dict:
     return restored[RECORD]
 
 
-def _sharding_table(shardings: Any, paths: list[str]) -> dict[str, tuple[Any, Any]]:
+def _sharding_table(
+    shardings: Any, paths: list[str], extras: list[str] = ()
+) -> dict[str, tuple[Any, Any]]:
     if shardings is None:
         return {}
     if isinstance(shardings, jax.sharding.Sharding):
-        return dict.fromkeys(paths, (shardings, shardings))
+        return dict.fromkeys([*paths, *extras], (shardings, shardings))
     flat = dict(leaves_with_paths(shardings))
     for path, leaf in flat.items():
         if not isinstance(leaf, jax.sharding.Sharding):
@@ -217,6 +230,15 @@ def _sharding_table(shardings: Any, paths: list[str]) -> dict[str, tuple[Any, An
                 f"{path}: shardings has no entry for this adapter; expected a sharding at {path} "
                 f"(both factors) or at {path}/a and {path}/b, for every adapter in the checkpoint"
             )
+    for path in extras:
+        key = path if path in flat else f"{path}/value"
+        if key not in flat:
+            raise AdapterMismatchError(
+                f"{path}: shardings has no entry for this trainable extra; expected a sharding at "
+                f"{path} (or a jlora.Trainable holding one), for every extra in the checkpoint"
+            )
+        table[path] = (flat[key], flat[key])
+        used.add(key)
     extra = [p for p in flat if p not in used]
     if extra:
         raise AdapterMismatchError(
@@ -226,8 +248,28 @@ def _sharding_table(shardings: Any, paths: list[str]) -> dict[str, tuple[Any, An
     return table
 
 
-def _check_target(target: Any, records: dict[str, fmt.AdapterRecord], config: LoraConfig) -> dict:
-    table = factors_by_path(target)
+def _check_target(
+    target: Any,
+    records: dict[str, fmt.AdapterRecord],
+    extra_records: dict[str, fmt.ExtraRecord],
+    config: LoraConfig,
+) -> dict:
+    table, extras = adapter_tables(target)
+    for path in [*extra_records, *extras]:
+        if (path in extra_records) != (path in extras):
+            where = "the target but not the checkpoint" if path in extras else "the checkpoint only"
+            raise AdapterMismatchError(
+                f"{path}: a trainable extra at this path is in {where}. Was the target made with "
+                "another config? Build it with jax.eval_shape(jlora.init, key, params, config) "
+                "using the saved config"
+            )
+        found = tuple(extras[path].value.shape)
+        if found != extra_records[path].shape:
+            raise AdapterMismatchError(
+                f"{path}: the target's trainable extra has shape {found} but the checkpoint holds "
+                f"{extra_records[path].shape}; make the target from the base the adapters were "
+                "saved for"
+            )
     differing = [p for p in [*records, *table] if (p in records) != (p in table)]
     if differing:
         path = differing[0]
@@ -251,7 +293,7 @@ def _check_target(target: Any, records: dict[str, fmt.AdapterRecord], config: Lo
                 f"{path}: the target has scale {f.scale} but the saved config gives "
                 f"{config.scale_for(path)}; make the target with the saved config"
             )
-    return table
+    return {**table, **extras}
 
 
 def restore(
@@ -265,7 +307,8 @@ def restore(
     """Restores adapters and their config from a checkpoint written by :func:`save`.
 
     The adapter tree is rebuilt from the saved structure (``scale`` from the saved config, layouts
-    from the saved record), or checked against ``target`` when one is given. Arrays land on the
+    from the saved record, trainable extras as :class:`jlora.Trainable` with their saved values
+    and dtypes, bit for bit), or checked against ``target`` when one is given. Arrays land on the
     shardings asked for: ``shardings``, else the target leaves' ``.sharding``, else the first local
     device.
 
@@ -276,7 +319,8 @@ def restore(
             its dtypes are used (a cast on restore) and its structure must match the checkpoint.
         shardings: a ``jax.sharding.Sharding`` for every factor, or a tree with one sharding per
             adapter path, or one per factor (``{path: {"a": ..., "b": ...}}``, or ``LoraFactors``
-            nodes holding shardings, as :func:`jlora.sharding.factor_shardings` returns).
+            nodes holding shardings, as :func:`jlora.sharding.factor_shardings` returns), and one
+            per trainable extra (at its path, or in a ``jlora.Trainable``).
         base: base parameters (arrays or ``jax.ShapeDtypeStruct``) to check the adapters against:
             the saved fingerprint (if any) must match, and every adapter must fit its weight.
 
@@ -304,11 +348,11 @@ def restore(
         (True, True)
     """
     path = _resolve(directory, step)
-    config, records, saved_base = fmt.parse(_read_record(path), str(path))
+    config, records, extra_records, saved_base = fmt.parse(_read_record(path), str(path))
     if base is not None and saved_base is not None:
         fmt.check_fingerprint(saved_base, base)
-    wanted = _check_target(target, records, config) if target is not None else {}
-    placement = _sharding_table(shardings, list(records))
+    wanted = _check_target(target, records, extra_records, config) if target is not None else {}
+    placement = _sharding_table(shardings, list(records), list(extra_records))
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(path: str, name: str, shape: tuple[int, ...], dtype: str) -> Any:
@@ -321,11 +365,14 @@ def restore(
 
     item = nest(
         {
-            p: {
-                "a": abstract(p, "a", r.a_shape, r.a_dtype),
-                "b": abstract(p, "b", r.b_shape, r.b_dtype),
-            }
-            for p, r in records.items()
+            **{
+                p: {
+                    "a": abstract(p, "a", r.a_shape, r.a_dtype),
+                    "b": abstract(p, "b", r.b_shape, r.b_dtype),
+                }
+                for p, r in records.items()
+            },
+            **{p: abstract(p, "value", r.shape, r.dtype) for p, r in extra_records.items()},
         }
     )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -337,6 +384,7 @@ def restore(
         p: LoraFactors(flat[f"{p}/a"], flat[f"{p}/b"], config.scale_for(p), r.layout)
         for p, r in records.items()
     }
+    extras = {p: Trainable(flat[p]) for p in extra_records}
     if base is not None:
-        fmt.check_base_fit(table, base)
-    return nest(table), config
+        fmt.check_base_fit(table, base, extras)
+    return nest({**table, **extras}), config

@@ -8,6 +8,11 @@ An adapter checkpoint holds two orbax items: ``adapters``, the arrays as a neste
      "adapters": {path: {"layout": {...}, "a": {"shape", "dtype"}, "b": {"shape", "dtype"}}},
      "base": [[path, shape, dtype], ...] or null}
 
+Adapters with trainable extras (:class:`jlora.Trainable`) are saved as version 2, which adds
+``"trainable": {path: {"shape", "dtype"}}``; each extra's array sits in the arrays item at its own
+path. Version 2 is written only when there are extras, so every other checkpoint stays readable by
+jlora versions that know version 1 alone, and those refuse (rather than silently drop) extras.
+
 Scales are not stored: they follow from the config (``config.scale_for(path)``), which ``save``
 checks. The base fingerprint lists every leaf of at least one axis (the weights; scalars such as a
 step counter are left out) so that adapters restored onto another model fail with the first
@@ -25,13 +30,15 @@ import numpy as np
 
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError
+from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
 from ._layout import Layout
-from ._merge import check_fit, factors_by_path
+from ._merge import adapter_tables, check_fit
 from ._paths import leaves_with_paths
 
 FORMAT = "jlora.adapters"
 VERSION = 1
+VERSION_EXTRAS = 2
 
 Fingerprint = list[tuple[str, tuple[int, ...], str]]
 
@@ -45,6 +52,14 @@ class AdapterRecord:
     a_dtype: str
     b_shape: tuple[int, ...]
     b_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraRecord:
+    """What the JSON record says about one trainable extra: its shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str
 
 
 def _layout_record(layout: Layout) -> dict[str, Any]:
@@ -96,18 +111,32 @@ def check_fingerprint(saved: Fingerprint, base: Any) -> None:
         )
 
 
-def check_adapters(adapters: Any, config: LoraConfig, base: Any | None) -> dict[str, LoraFactors]:
+def check_adapters(
+    adapters: Any, config: LoraConfig, base: Any | None
+) -> tuple[dict[str, LoraFactors], dict[str, Trainable]]:
     """Validates adapters against their config (and base) before anything is written."""
     if not isinstance(config, LoraConfig):
         raise TypeError(
             f"config: got a {type(config).__name__}; expected the jlora.LoraConfig the adapters "
             "were made with"
         )
-    table = factors_by_path(adapters)
-    if not table:
+    table, extras = adapter_tables(adapters)
+    if not table and not extras:
         raise AdapterMismatchError(
             "adapters: the tree holds no LoraFactors; expected the output of jlora.init"
         )
+    for path, extra in extras.items():
+        if not (hasattr(extra.value, "shape") and hasattr(extra.value, "dtype")):
+            raise AdapterMismatchError(
+                f"{path}: trainable extra is a {type(extra.value).__name__}, not an array; "
+                "expected concrete arrays to save"
+            )
+        if not config.is_trainable(path):
+            raise AdapterMismatchError(
+                f"{path}: the adapters hold a trainable extra here but the config's trainable "
+                f"{list(config.trainable)} does not select this path; save the LoraConfig these "
+                "adapters were made with"
+            )
     for path, f in table.items():
         for name in ("a", "b"):
             leaf = getattr(f, name)
@@ -135,27 +164,38 @@ def check_adapters(adapters: Any, config: LoraConfig, base: Any | None) -> dict[
                 + "; save the LoraConfig these adapters were made with"
             )
     if base is not None:
-        check_base_fit(table, base)
-    return table
+        check_base_fit(table, base, extras)
+    return table, extras
 
 
-def check_base_fit(table: Mapping[str, LoraFactors], base: Any) -> None:
+def check_base_fit(
+    table: Mapping[str, LoraFactors], base: Any, extras: Mapping[str, Any] | None = None
+) -> None:
     """Raises :class:`AdapterMismatchError` if an adapter has no weight in ``base`` or misfits it."""
     weights = dict(leaves_with_paths(base))
-    for path, f in table.items():
+    for path, f in [*table.items(), *(extras or {}).items()]:
         if path not in weights:
+            what = "factors" if path in table else "a trainable extra"
             raise AdapterMismatchError(
-                f"{path}: the adapters have factors at this path but base has no such weight. "
+                f"{path}: the adapters have {what} at this path but base has no such weight. "
                 "Were these adapters made for another model?"
             )
-        check_fit(path, weights[path], f)
+        if isinstance(f, Trainable):
+            check_extra_fit(path, weights[path], f)
+        else:
+            check_fit(path, weights[path], f)
 
 
-def record(table: Mapping[str, LoraFactors], config: LoraConfig, base: Any | None) -> dict:
-    """The JSON record for validated adapters."""
-    return {
+def record(
+    table: Mapping[str, LoraFactors],
+    config: LoraConfig,
+    base: Any | None,
+    extras: Mapping[str, Trainable] | None = None,
+) -> dict:
+    """The JSON record for validated adapters (version 2 when there are trainable extras)."""
+    out = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION_EXTRAS if extras else VERSION,
         "config": config.to_dict(),
         "adapters": {
             path: {
@@ -167,19 +207,27 @@ def record(table: Mapping[str, LoraFactors], config: LoraConfig, base: Any | Non
         },
         "base": None if base is None else [list(entry) for entry in fingerprint(base)],
     }
+    if extras:
+        out["trainable"] = {
+            path: {"shape": list(e.value.shape), "dtype": dtype_name(e.value.dtype)}
+            for path, e in extras.items()
+        }
+    return out
 
 
-def parse(data: Any, where: str) -> tuple[LoraConfig, dict[str, AdapterRecord], Fingerprint | None]:
-    """Reads a JSON record back: the config, each adapter's record, and the base fingerprint."""
+def parse(
+    data: Any, where: str
+) -> tuple[LoraConfig, dict[str, AdapterRecord], dict[str, ExtraRecord], Fingerprint | None]:
+    """Reads a JSON record back: the config, each adapter's and extra's record, the fingerprint."""
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise ValueError(
             f"{where}: not a jlora adapter checkpoint (its 'jlora' item has no "
             f"format={FORMAT!r}); expected a directory written by jlora.checkpoint.save"
         )
-    if data.get("version") != VERSION:
+    if data.get("version") not in (VERSION, VERSION_EXTRAS):
         raise ValueError(
             f"{where}: adapter checkpoint format version {data.get('version')!r} is not supported "
-            f"by this jlora (it reads version {VERSION}); upgrade jlora"
+            f"by this jlora (it reads versions {VERSION} and {VERSION_EXTRAS}); upgrade jlora"
         )
     config = LoraConfig.from_dict(data["config"])
     adapters = {
@@ -192,6 +240,10 @@ def parse(data: Any, where: str) -> tuple[LoraConfig, dict[str, AdapterRecord], 
         )
         for path, entry in data["adapters"].items()
     }
+    extras = {
+        path: ExtraRecord(shape=tuple(entry["shape"]), dtype=entry["dtype"])
+        for path, entry in (data.get("trainable") or {}).items()
+    }
     base = data.get("base")
     saved = None if base is None else [(p, tuple(s), d) for p, s, d in base]
-    return config, adapters, saved
+    return config, adapters, extras, saved

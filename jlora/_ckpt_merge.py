@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ._ckpt_adapters import RECORD, PathLike, restore
-from ._merge import factors_by_path, merge
+from ._merge import adapter_tables, merge
 from ._paths import key_to_str, nest
 
 DEFAULT_GROUP_BYTES = 2**27
@@ -49,7 +49,7 @@ class MergeSummary:
 
     Attributes:
         out: the new base checkpoint.
-        merged: number of leaves that had an adapter folded in.
+        merged: number of leaves that had an adapter folded in (or were replaced by an extra).
         copied: number of leaves copied unchanged.
         nbytes: bytes of array data written.
         seconds: wall-clock time.
@@ -241,7 +241,8 @@ def merge_checkpoint(
     The base is read and the result written a group of leaves at a time (at most ``group_bytes``
     of base leaves, or one leaf if it is larger), so host memory stays near the largest leaf, not
     the model. Each adapted leaf is computed by :func:`jlora.merge`, so the output equals the
-    in-memory ``jlora.merge(base, adapters)`` bit for bit; other leaves are copied. The new
+    in-memory ``jlora.merge(base, adapters)`` bit for bit (a trainable extra's leaf is the extra's
+    saved value); other leaves are copied. The new
     checkpoint is assembled in a scratch directory next to ``out_dir`` and renamed into place only
     when complete: a failure leaves ``out_dir`` (and the inputs) as they were.
 
@@ -288,7 +289,7 @@ def merge_checkpoint(
     leaves = _leaves(pytree_dir)
     abstract_base = nest({leaf.path: leaf.meta for leaf in leaves if leaf.is_array})
     adapters, _ = restore(adapter, step=adapter_step, base=abstract_base)
-    table = factors_by_path(adapters)
+    table, extras = adapter_tables(adapters)
 
     merged = copied = peak = 0
     update, close = _progress_bar(sum(leaf.nbytes for leaf in leaves), progress)
@@ -304,7 +305,7 @@ def merge_checkpoint(
             peak = max(peak, sum(leaf.nbytes for leaf in group))
             values = _read_group(handler, pytree_dir, group)
             for leaf in group:
-                factors = table.get(leaf.path)
+                factors = table.get(leaf.path, extras.get(leaf.path))
                 if factors is None:
                     copied += 1
                 else:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ._errors import ConfigError
 from ._layout import Layout
+from ._match import PRESETS, is_module_name, matcher
 
 InitScheme = Literal["gaussian", "kaiming_uniform"]
 _INIT_SCHEMES = ("gaussian", "kaiming_uniform")
@@ -100,6 +101,17 @@ def _check_dtype(dtype: Any) -> str:
     return np_dtype.name
 
 
+_LATER_DEFAULTS = {"trainable": (), "strict": True}
+
+
+def trainable_matches(pattern: str, path: str) -> bool:
+    """Whether one ``trainable`` pattern selects ``path``: a regex over the whole path, or a
+    module name naming a module (at any depth) that holds the leaf."""
+    return re.fullmatch(pattern, path) is not None or (
+        is_module_name(pattern) and f"/{pattern}/" in "/" + path
+    )
+
+
 def _first_match(table: tuple[tuple[str, Any], ...], path: str) -> Any | None:
     for pattern, value in table:
         if re.fullmatch(pattern, path):
@@ -117,10 +129,13 @@ class LoraConfig:
     first full match wins. The config is immutable and hashable, so it can be a static jit argument.
 
     Args:
-        targets: regexes selecting the weights to adapt.
+        targets: what to adapt: regexes over the whole path, module names matched at any depth
+            as PEFT's ``target_modules`` (``"query"`` selects every ``.../query/kernel``), or the
+            preset ``"all-linear"`` (every linear layer but the output head, in the Flax
+            transforms; every ``kernel`` leaf in the functional core). See :mod:`jlora._match`.
         rank: default rank ``r`` of each adapter.
         alpha: default ``alpha``; the scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-        exclude: regexes removing paths from those ``targets`` selected.
+        exclude: patterns (as ``targets``) removing paths from those ``targets`` selected.
         rank_pattern: per-path rank overrides, ``{regex: rank}``.
         alpha_pattern: per-path alpha overrides, ``{regex: alpha}``.
         dropout: LoRA dropout rate on the adapter's input, in ``[0, 1)``.
@@ -131,6 +146,16 @@ class LoraConfig:
         dtype: dtype of the factors (``"float32"`` by default, whatever the base's dtype).
         layouts: per-path layout strings (see :class:`jlora.Layout`) for weights whose shape alone
             does not say which axes are stack, fan-in and fan-out (any weight with more than 2 axes).
+        trainable: leaves to train in full beside the adapters (PEFT's ``modules_to_save``): a
+            classifier head, a resized embedding. Regexes over the whole path, or module names
+            selecting every leaf of each module so named at any depth (``"classifier"``). :func:`jlora.init` copies
+            each into the adapter tree as a :class:`jlora.Trainable`, which replaces the base's leaf
+            when the adapters are applied. A path may not be both targeted and trainable.
+        strict: if True (the default), every target must match a path and every targeted weight
+            must be adaptable. If False, targeted weights that cannot be adapted (biases, norms,
+            unsupported layers, ambiguous shapes) are skipped and reported in one
+            :class:`jlora.SkippedTargetsWarning`, and only the config as a whole must select
+            something.
 
     Raises:
         ConfigError: if any field is invalid; the message names the field and the fix.
@@ -141,6 +166,9 @@ class LoraConfig:
         2.0
         >>> LoraConfig.from_dict(config.to_dict()) == config
         True
+        >>> head = LoraConfig(targets=".*attn/.*/kernel", trainable=("classifier",))
+        >>> head.is_trainable("model/classifier/bias"), head.selects("model/classifier/kernel")
+        (True, False)
     """
 
     targets: tuple[str, ...]
@@ -154,6 +182,8 @@ class LoraConfig:
     use_rslora: bool = False
     dtype: str = "float32"
     layouts: tuple[tuple[str, str], ...] = ()
+    trainable: tuple[str, ...] = ()
+    strict: bool = True
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -166,6 +196,7 @@ class LoraConfig:
                 "every Dense kernel"
             )
         put("exclude", _patterns("exclude", self.exclude))
+        put("trainable", _patterns("trainable", self.trainable))
         put("rank", _check_rank("LoraConfig.rank", self.rank))
         put("alpha", _check_alpha("LoraConfig.alpha", self.alpha))
         put("rank_pattern", _pattern_map("rank_pattern", dict(self.rank_pattern), _check_rank))
@@ -189,6 +220,8 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"LoraConfig.use_rslora: {self.use_rslora!r} is not a bool")
         put("dtype", _check_dtype(self.dtype))
+        if not isinstance(self.strict, bool):
+            raise ConfigError(f"LoraConfig.strict: {self.strict!r} is not a bool")
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
@@ -210,16 +243,37 @@ class LoraConfig:
         return _first_match(self.layouts, path)
 
     def selects(self, path: str) -> bool:
-        """Whether ``path`` matches a target and no exclusion."""
-        return any(re.fullmatch(p, path) for p in self.targets) and not any(
-            re.fullmatch(p, path) for p in self.exclude
-        )
+        """Whether ``path`` matches a target and no exclusion (targets as in :mod:`jlora._match`:
+        regexes, module names, the ``"all-linear"`` preset)."""
+        if not matcher(self.targets)(path) or matcher(self.exclude)(path):
+            return False
+        # A preset never claims a leaf the config trains in full (the head beside all-linear).
+        return not (self.trainable and self.by_preset_only(path) and self.is_trainable(path))
+
+    def by_preset_only(self, path: str) -> bool:
+        """Whether only a preset (``"all-linear"``) selects ``path``: the Flax transforms then
+        adapt it only if its layer is linear and not the output head."""
+        presets = [p for p in self.targets if p in PRESETS]
+        others = tuple(p for p in self.targets if p not in presets)
+        return bool(presets) and not matcher(others)(path)
+
+    def is_trainable(self, path: str) -> bool:
+        """Whether ``path`` is a leaf to train in full: a ``trainable`` regex matches the whole path,
+        or a ``trainable`` module name (``"classifier"``, ``"model/head"``) names a module, at any
+        depth, that holds the leaf (as PEFT's ``modules_to_save``: every leaf of the module)."""
+        return any(trainable_matches(p, path) for p in self.trainable)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field (tables as dicts, tuples as lists)."""
+        """A JSON-serialisable dict of every field (tables as dicts, tuples as lists).
+
+        Fields added after the first release are left out when they hold their defaults (no
+        ``trainable``, ``strict=True``), so such configs stay readable by earlier jlora versions.
+        """
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name in _LATER_DEFAULTS and value == _LATER_DEFAULTS[field.name]:
+                continue
             if field.name in ("rank_pattern", "alpha_pattern", "layouts"):
                 value = dict(value)
             elif isinstance(value, tuple):

@@ -3,6 +3,9 @@
 For LoRA on ``L`` weight matrices of shape ``d_model x d_model`` the trainable count is
 ``|Theta| = 2 * L * d_model * r`` (Hu et al. 2022, section 4): each adapter holds ``d_model * r`` in
 ``a`` and ``r * d_model`` in ``b``.
+
+Trainable extras (:class:`jlora.Trainable`, e.g. a classifier head) count as trainable; since each
+replaces a base leaf of the same size, the adapted model's total counts them once.
 """
 
 from __future__ import annotations
@@ -13,23 +16,28 @@ from typing import Any
 
 import jax
 
+from ._extras import is_trainable
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamCount:
     """Parameter counts of a base model and its adapters.
 
     Attributes:
-        trainable: number of adapter parameters.
+        trainable: number of trainable parameters: the factors plus the extras.
         base: number of frozen base parameters.
+        extras: how many of ``trainable`` are trainable extras (fully trained copies of base
+            leaves, which replace those leaves).
     """
 
     trainable: int
     base: int
+    extras: int = 0
 
     @property
     def total(self) -> int:
-        """Base plus adapter parameters."""
-        return self.base + self.trainable
+        """Parameters of the adapted model: base plus factors (an extra replaces its base leaf)."""
+        return self.base + self.trainable - self.extras
 
     @property
     def fraction(self) -> float:
@@ -37,8 +45,9 @@ class ParamCount:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
+        extras = f" (extras: {self.extras:,})" if self.extras else ""
         return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable params: {self.trainable:,}{extras} || all params: {self.total:,} || "
             f"trainable: {100 * self.fraction:.4f}%"
         )
 
@@ -52,7 +61,8 @@ def count_params(params: Any, adapters: Any) -> ParamCount:
 
     Args:
         params: the base parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
-        adapters: its adapter pytree.
+        adapters: its adapter pytree; its trainable extras count as trainable, and separately
+            in ``ParamCount.extras``.
 
     Returns:
         A :class:`ParamCount`; ``str()`` of it is a one-line summary.
@@ -63,5 +73,11 @@ def count_params(params: Any, adapters: Any) -> ParamCount:
         >>> adapters = jlora.init(jax.random.key(0), params, jlora.LoraConfig(targets="w", rank=4))
         >>> print(count_params(params, adapters))
         trainable params: 800 || all params: 10,800 || trainable: 7.4074%
+        >>> params["head"] = jnp.ones((100, 2))
+        >>> config = jlora.LoraConfig(targets="w", rank=4, trainable=("head",))
+        >>> print(count_params(params, jlora.init(jax.random.key(0), params, config)))
+        trainable params: 1,000 (extras: 200) || all params: 11,000 || trainable: 9.0909%
     """
-    return ParamCount(trainable=_size(adapters), base=_size(params))
+    nodes = jax.tree_util.tree_leaves(adapters, is_leaf=is_trainable)
+    extras = sum(_size(n) for n in nodes if is_trainable(n))
+    return ParamCount(trainable=_size(adapters), base=_size(params), extras=extras)

@@ -30,3 +30,21 @@ class MissingRngError(ValueError):
 
 class PeftFormatError(ValueError):
     """Adapters cannot be written in, or files cannot be read as, Hugging Face PEFT's LoRA format."""
+
+
+class SkippedTargetsWarning(UserWarning):
+    """Targeted weights that could not be adapted were skipped (``LoraConfig(strict=False)`` or
+    the ``"all-linear"`` preset); the message lists each path and why."""
+
+
+def skipped_message(skipped: dict[str, str]) -> str:
+    """One warning's text for ``{path: reason}`` of skipped weights."""
+    lines = [
+        f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}"
+        for path, reason in skipped.items()
+    ]
+    return (
+        f"jlora skipped {len(skipped)} targeted weight(s) it cannot adapt (strict=False or the "
+        "'all-linear' preset); narrow the targets or add them to exclude to silence this:\n"
+        + "\n".join(lines)
+    )

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ._config import LoraConfig
+from ._extras import copy_extras, select_extras
 from ._layout import Layout
 from ._paths import nest
 from ._targets import Target, select
@@ -130,13 +131,31 @@ def draw(
     return nest(out)
 
 
+def with_extras(adapters: dict[str, Any], params: Any, config: LoraConfig) -> dict[str, Any]:
+    """``adapters`` plus a :class:`jlora.Trainable` copy of each leaf ``config.trainable`` selects."""
+    extras = copy_extras(select_extras(params, config))
+    if not extras:
+        return adapters
+    out = dict(adapters)
+    for path, extra in extras.items():
+        *parents, last = path.split("/")
+        node = out
+        for key in parents:
+            node[key] = dict(node.get(key, {}))  # copies: draw's nested dicts stay unshared
+            node = node[key]
+        node[last] = extra
+    return out
+
+
 def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
     """Creates adapters for the weights of ``params`` that ``config`` targets.
 
     The result is a nested dict mirroring ``params`` but holding only the targeted paths, each a
     :class:`LoraFactors`. ``b = 0`` (``a = 0`` for embedding tables), so the adapted model equals the
-    base at step 0. Only shapes and dtypes of ``params`` are read: abstract leaves
-    (``jax.eval_shape`` output) work too.
+    base at step 0. Only shapes and dtypes of targeted leaves are read: abstract leaves
+    (``jax.eval_shape`` output) work too. Each leaf that ``config.trainable`` selects is copied (new
+    array, the base's dtype and sharding) into a :class:`jlora.Trainable` at its own path; these
+    leaves must be concrete.
 
     Args:
         key: a PRNG key. Each path draws from ``fold_in(key, hash(path))``, so a weight's factors do
@@ -149,8 +168,9 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
 
     Raises:
         TargetError: a target matches nothing, selects a weight of fewer than 2 axes or of an
-            ambiguous shape without a layout, or asks for a rank above ``min(fan_in, fan_out)``.
-        NotAnArrayError: a targeted leaf is not an array.
+            ambiguous shape without a layout, or asks for a rank above ``min(fan_in, fan_out)``;
+            a ``trainable`` pattern matches nothing, selects a targeted or non-float leaf.
+        NotAnArrayError: a targeted leaf is not an array, or a trainable one is not concrete.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -158,11 +178,15 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
         >>> adapters = init(jax.random.key(0), params, LoraConfig(targets=".*kernel", rank=2))
         >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
         ((6, 2), (2, 4))
+        >>> config = LoraConfig(targets=".*kernel", rank=2, trainable=(".*bias",))
+        >>> type(init(jax.random.key(0), params, config)["dense"]["bias"]).__name__
+        'Trainable'
     """
-    return draw(key, select(params, config), config)
+    targets = select(params, config)
+    return with_extras(draw(key, targets, config), params, config)
 
 
 def init_function(params: Any, config: LoraConfig) -> Callable[[jax.Array], dict[str, Any]]:
-    """``key -> adapters`` for these params and config, validated now."""
+    """``key -> adapters`` for these params and config, validated now (extras not included)."""
     targets = select(params, config)
     return functools.partial(draw, targets=targets, config=config)

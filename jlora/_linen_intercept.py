@@ -25,9 +25,18 @@ import numpy as np
 
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError, MissingRngError
+from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
 from ._layout import Layout
-from ._linen_layers import SUPPORTED, LayerKind, Unsupported, add_term, kind_name, kind_of
+from ._linen_layers import (
+    SUPPORTED,
+    LayerKind,
+    Unsupported,
+    add_term,
+    kind_name,
+    kind_of,
+    owns_call,
+)
 from ._merge import check_fit
 
 SUFFIX = "@lora"
@@ -54,9 +63,15 @@ class Recorder:
     (an einsum's roles), and must equal the module's own otherwise.
     """
 
-    def __init__(self, config: LoraConfig | None = None) -> None:
+    def __init__(
+        self, config: LoraConfig | None = None, custom: tuple[tuple[type, LayerKind], ...] = ()
+    ) -> None:
         self.seen: dict[str, Seen] = {}
         self.config = config
+        self.custom = custom
+        # id of a supported layer's output -> (its module path, the output, kept alive so that
+        # its id is not reused while the trace runs)
+        self.outputs: dict[int, tuple[str, Any]] = {}
 
     def _layout(self, kind: LayerKind, path: str, context, args, kwargs) -> Layout:
         module, method = context.module, context.method_name
@@ -77,9 +92,9 @@ class Recorder:
     def observe(self, context: nn.module.InterceptorContext, args: tuple, kwargs: dict) -> Seen:
         module = context.module
         path = "/".join(module.scope.path)
-        kind = kind_of(module)
+        kind = kind_of(module, self.custom)
         seen = self.seen.setdefault(path, Seen(kind_name(module), kind))
-        if kind is not None and context.method_name in kind.methods:
+        if kind is not None and owns_call(kind, context):
             try:
                 layout: Layout | Unsupported = self._layout(kind, path, context, args, kwargs)
             except Unsupported as e:
@@ -94,15 +109,24 @@ class Recorder:
         return seen
 
     def __call__(self, next_fun, args, kwargs, context):
-        self.observe(context, args, kwargs)
-        return next_fun(*args, **kwargs)
+        seen = self.observe(context, args, kwargs)
+        y = next_fun(*args, **kwargs)
+        if seen.kind is not None and owns_call(seen.kind, context):
+            self.outputs[id(y)] = ("/".join(context.module.scope.path), y)
+        return y
 
 
 class Applier(Recorder):
     """Interceptor that adds ``scale * (x a) b`` (or the layer kind's equivalent) to each output."""
 
-    def __init__(self, rate: float, rng_stream: str, config: LoraConfig | None = None) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        rate: float,
+        rng_stream: str,
+        config: LoraConfig | None = None,
+        custom: tuple[tuple[type, LayerKind], ...] = (),
+    ) -> None:
+        super().__init__(config, custom)
         self.rate = rate
         self.rng_stream = rng_stream
         self.used: set[str] = set()
@@ -110,7 +134,7 @@ class Applier(Recorder):
     def __call__(self, next_fun, args, kwargs, context):
         seen = self.observe(context, args, kwargs)
         kind, method, module = seen.kind, context.method_name, context.module
-        if kind is None or method not in kind.methods:
+        if kind is None or not owns_call(kind, context):
             return next_fun(*args, **kwargs)
         factors = module.get_variable("params", kind.param + SUFFIX)
         y = next_fun(*args, **kwargs)
@@ -173,18 +197,25 @@ def unused_reason(path: str, seen: dict[str, Seen]) -> str | None:
     if module.layout is None:
         return (
             f"{where} ({module.kind.name}) ran, but not through "
-            f"{' or '.join(module.kind.methods)}: the model reads its {name!r} directly, which "
-            "jlora cannot see. Call the module instead (e.g. embed.attend(x) for a tied head), or "
-            "exclude this path"
+            f"{' or '.join(module.kind.methods)}: the model reads its {name!r} directly (or a "
+            "subclass overrides the method without calling super()), which jlora cannot see. Call "
+            "the module instead (e.g. embed.attend(x) for a tied head), or exclude this path"
         )
     return None
 
 
-def inject(params: Any, table: dict[str, LoraFactors]) -> dict[str, Any]:
-    """A shallow copy of ``params`` with each adapter at ``<weight path>@lora``."""
+def inject(
+    params: Any, table: dict[str, LoraFactors], extras: Mapping[str, Trainable] | None = None
+) -> dict[str, Any]:
+    """A shallow copy of ``params`` with each adapter at ``<weight path>@lora``.
+
+    Each trainable extra replaces its weight (``params`` itself is not modified), so the model
+    computes with, and differentiates, the extra's value.
+    """
     root = dict(params)
     copied = {id(root)}
-    for path, factors in table.items():
+    extras = extras or {}
+    for path, factors in [*table.items(), *extras.items()]:
         *parents, name = path.split("/")
         node = root
         for key in parents:
@@ -198,11 +229,16 @@ def inject(params: Any, table: dict[str, LoraFactors]) -> dict[str, Any]:
                 node[key] = child
             node = child
         if node is None or name not in node:
+            what = "a trainable extra" if path in extras else "factors"
             raise AdapterMismatchError(
-                f"{path}: the adapters have factors at this path but the params have no such "
+                f"{path}: the adapters have {what} at this path but the params have no such "
                 "weight. Were these adapters made for another model? Create them with "
                 "LoraModel.init_adapters on this model's params"
             )
+        if isinstance(factors, Trainable):
+            check_extra_fit(path, node[name], factors)
+            node[name] = factors.value
+            continue
         check_fit(path, node[name], factors)
         node[name + SUFFIX] = factors
     return root
@@ -215,6 +251,15 @@ def strip(tree: Any) -> Any:
     return {k: strip(v) for k, v in tree.items() if not str(k).endswith(SUFFIX)}
 
 
+@dataclasses.dataclass
+class Trace:
+    """What one abstract run of a model met: its modules, and the layers whose output is (part
+    of) the model's output: its output heads."""
+
+    seen: dict[str, Seen]
+    heads: set[str]
+
+
 def trace(
     model: nn.Module,
     params: Any,
@@ -224,13 +269,15 @@ def trace(
     rngs: Any,
     method: Any,
     config: LoraConfig | None = None,
-) -> dict[str, Seen]:
+    custom: tuple[tuple[type, LayerKind], ...] = (),
+) -> Trace:
     """Runs ``model.apply`` abstractly (``jax.eval_shape``) and returns the modules it met.
 
     Array inputs (and ``jax.ShapeDtypeStruct``) are traced; every other input (flags such as
     ``train=True``) stays a Python value, so the model takes the same branches as in a real call.
     """
-    recorder = Recorder(config)
+    recorder = Recorder(config, custom)
+    heads: set[str] = set()
     flat, treedef = jax.tree.flatten((args, kwargs))
     array_types = (jax.Array, np.ndarray, jax.ShapeDtypeStruct)
     arrays = [i for i, x in enumerate(flat) if isinstance(x, array_types)]
@@ -241,7 +288,7 @@ def trace(
             full[i] = leaf
         call_args, call_kwargs = jax.tree.unflatten(treedef, full)
         with nn.intercept_methods(recorder):
-            return model.apply(
+            out, _ = model.apply(
                 {"params": params, **variables},
                 *call_args,
                 rngs=rngs,
@@ -251,6 +298,10 @@ def trace(
                 method=method,
                 **call_kwargs,
             )
+        heads.update(
+            recorder.outputs[id(y)][0] for y in jax.tree.leaves(out) if id(y) in recorder.outputs
+        )
+        return out
 
     jax.eval_shape(run, params, variables, [flat[i] for i in arrays])
-    return recorder.seen
+    return Trace(recorder.seen, heads)

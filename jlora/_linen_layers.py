@@ -16,6 +16,7 @@ dtype. Lookups take no dropout (their input is an id, not an activation).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,12 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from . import _einsum, ops
+from ._custom import CustomLayer
 from ._factors import LoraFactors
 from ._layout import Layout
 
 SUPPORTED = (
     "nn.Dense, nn.DenseGeneral and nn.Einsum (their 'kernel'), nn.Conv ('kernel') and nn.Embed "
-    "('embedding', for lookups and attend)"
+    "('embedding', for lookups and attend), their subclasses, and layers declared with "
+    "layers={cls: jlora.CustomLayer(...)}"
 )
 
 
@@ -54,6 +57,9 @@ class LayerKind:
         choose: ``(module, method, args, kwargs, chosen) -> Layout``: the layout to use when
             ``LoraConfig.layouts`` gives one for the weight (raises :class:`Unsupported` if it
             does not fit); None for kinds whose layout is fixed by the module.
+        linear: whether the layer is a linear (Dense-like) layer, for the ``"all-linear"`` preset.
+        cls: the class whose own ``methods`` get the term. A subclass's override that calls
+            ``super().__call__`` gets it inside that call, where it equals the merged layer.
     """
 
     name: str
@@ -63,6 +69,8 @@ class LayerKind:
     term: Term
     undropped: tuple[str, ...] = ()
     choose: Callable[..., Layout] | None = None
+    cls: type | None = None
+    linear: bool = True
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -241,7 +249,10 @@ _KINDS: tuple[tuple[type, LayerKind], ...] = (
             choose=_einsum_choose,
         ),
     ),
-    (nn.Conv, LayerKind("nn.Conv", "kernel", ("__call__",), _conv_layout, _conv_term)),
+    (
+        nn.Conv,
+        LayerKind("nn.Conv", "kernel", ("__call__",), _conv_layout, _conv_term, linear=False),
+    ),
     (
         nn.Embed,
         LayerKind(
@@ -251,17 +262,57 @@ _KINDS: tuple[tuple[type, LayerKind], ...] = (
             _embed_layout,
             _embed_term,
             undropped=("__call__",),
+            linear=False,
         ),
     ),
 )
+_KINDS = tuple((cls, dataclasses.replace(kind, cls=cls)) for cls, kind in _KINDS)
 
 
-def kind_of(module: nn.Module) -> LayerKind | None:
-    """The :class:`LayerKind` of ``module`` (subclasses included), or None if jlora cannot adapt it."""
-    for cls, kind in _KINDS:
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    if args:
+        return args[0]
+    if kwargs:
+        return next(iter(kwargs.values()))
+    raise Unsupported("the layer was called without an input argument")
+
+
+def custom_kind(cls: type, layer: CustomLayer) -> LayerKind:
+    """The :class:`LayerKind` of a layer declared with :class:`jlora.CustomLayer`."""
+
+    def layout(module, method, args, kwargs) -> Layout:
+        return layer.parsed_layout
+
+    def term(module, method, args, kwargs, factors, rate, rng):
+        x = ops.dropout(_first_input(args, kwargs), rate, rng)
+        return layer.compute(module, x, factors)
+
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return LayerKind(name, layer.param, layer.methods, layout, term, cls=cls)
+
+
+def kind_of(module: nn.Module, custom: tuple[tuple[type, LayerKind], ...] = ()) -> LayerKind | None:
+    """The :class:`LayerKind` of ``module`` (subclasses included), or None if jlora cannot adapt it.
+
+    Declared layers (``custom``) come first, so a declaration overrides a built-in kind.
+    """
+    for cls, kind in (*custom, *_KINDS):
         if isinstance(module, cls):
             return kind
     return None
+
+
+def owns_call(kind: LayerKind, context: nn.module.InterceptorContext) -> bool:
+    """Whether the intercepted call runs the kind's own method, not a subclass's override.
+
+    A subclass that overrides ``__call__`` and calls ``super().__call__`` is intercepted twice;
+    only the inner call (the kind's own method) gets the term, where it equals the merged layer.
+    """
+    if context.method_name not in kind.methods:
+        return False
+    run = getattr(context.orig_method, "func", context.orig_method)
+    own = getattr(kind.cls, context.method_name, None)
+    return own is not None and run is inspect.unwrap(own)
 
 
 def kind_name(module: nn.Module) -> str:

@@ -6,6 +6,9 @@ formed in float32 and rounded once to the base dtype, so a merged bfloat16 weigh
 rule is exact; inside a caller's ``jax.jit`` XLA may fuse the add into multiply-adds, which can
 differ in the last float32 bit before the final rounding.) Products use
 ``Precision.HIGHEST`` so accelerators do not silently drop to bfloat16 passes for float32 merges.
+
+Trainable extras (:class:`jlora.Trainable`, from ``LoraConfig.trainable``) are not updates but
+replacements: ``merge`` puts their values in place of the base's leaves, exactly.
 """
 
 from __future__ import annotations
@@ -16,25 +19,39 @@ import jax
 import jax.numpy as jnp
 
 from ._errors import AdapterMismatchError
+from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
-from ._paths import leaves_with_paths, path_to_str
+from ._paths import leaves_with_paths, nest, path_to_str
 
 
 def _is_factors(x: Any) -> bool:
     return isinstance(x, LoraFactors)
 
 
-def factors_by_path(adapters: Any) -> dict[str, LoraFactors]:
-    """``{path: LoraFactors}`` for an adapter pytree, in tree order."""
-    out = {}
-    for path, leaf in leaves_with_paths(adapters, is_leaf=_is_factors):
-        if not _is_factors(leaf):
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (LoraFactors, Trainable))
+
+
+def adapter_tables(adapters: Any) -> tuple[dict[str, LoraFactors], dict[str, Trainable]]:
+    """``({path: LoraFactors}, {path: Trainable})`` for an adapter pytree, each in tree order."""
+    factors, extras = {}, {}
+    for path, leaf in leaves_with_paths(adapters, is_leaf=_is_node):
+        if isinstance(leaf, LoraFactors):
+            factors[path] = leaf
+        elif isinstance(leaf, Trainable):
+            extras[path] = leaf
+        else:
             raise AdapterMismatchError(
-                f"{path}: adapter tree holds a {type(leaf).__name__}, not LoraFactors; expected the "
-                "output of jlora.init (or a restored adapter checkpoint)"
+                f"{path}: adapter tree holds a {type(leaf).__name__}, not LoraFactors or "
+                "jlora.Trainable; expected the output of jlora.init (or a restored adapter "
+                "checkpoint). A fully trained leaf goes in LoraConfig.trainable"
             )
-        out[path] = leaf
-    return out
+    return factors, extras
+
+
+def factors_by_path(adapters: Any) -> dict[str, LoraFactors]:
+    """``{path: LoraFactors}`` for an adapter pytree, in tree order (trainable extras left out)."""
+    return adapter_tables(adapters)[0]
 
 
 def factor_delta(factors: LoraFactors) -> jax.Array:
@@ -75,34 +92,51 @@ def _combine(w: Any, factors: LoraFactors, subtract: bool) -> jax.Array:
     # multiply-adds and skip the rounding of the float32 delta that the merge rule promises.
     w32 = jnp.asarray(w).astype(jnp.float32)
     d = factor_delta(factors)
-    out = (w32 - d if subtract else w32 + d).astype(w.dtype)
+    return _on_sharding_of((w32 - d if subtract else w32 + d).astype(w.dtype), w)
+
+
+def _on_sharding_of(out: Any, w: Any) -> Any:
     # A merged weight keeps its base weight's sharding. Under a trace (jit with the params closed
     # over, grad without jit, vmap over adapters) the result is a tracer even when `w` is concrete:
     # its sharding is the compiler's to choose, and asking a tracer for it raises.
     concrete = not isinstance(w, jax.core.Tracer) and not isinstance(out, jax.core.Tracer)
-    if concrete and isinstance(w, jax.Array) and out.sharding != w.sharding:
+    if concrete and isinstance(w, jax.Array) and getattr(out, "sharding", None) != w.sharding:
         out = jax.device_put(out, w.sharding)
     return out
 
 
+def replace_extra(path: str, w: Any, extra: Trainable) -> Any:
+    """``extra.value`` checked against ``w`` and placed on ``w``'s sharding (the merge of an extra)."""
+    check_extra_fit(path, w, extra)
+    return _on_sharding_of(extra.value, w)
+
+
 def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
-    table = factors_by_path(adapters)
+    table, extras = adapter_tables(adapters)
     seen = set()
 
     def leaf(path, w):
         key = path_to_str(path)
         factors = table.get(key)
         if factors is None:
-            return w
+            extra = extras.get(key)
+            if extra is None:
+                return w
+            seen.add(key)
+            if subtract:  # the base's value is gone; see unmerge's docstring
+                check_extra_fit(key, w, extra)
+                return w
+            return replace_extra(key, w, extra)
         seen.add(key)
         check_fit(key, w, factors)
         return _combine(w, factors, subtract)
 
     out = jax.tree_util.tree_map_with_path(leaf, params)
-    missing = [p for p in table if p not in seen]
+    missing = [p for p in [*table, *extras] if p not in seen]
     if missing:
+        what = "factors" if missing[0] in table else "a trainable extra"
         raise AdapterMismatchError(
-            f"{missing[0]}: the adapters have factors at this path but the parameters have no such "
+            f"{missing[0]}: the adapters have {what} at this path but the parameters have no such "
             f"weight ({len(missing)} such paths). Were these adapters made for another model?"
         )
     return out
@@ -117,11 +151,13 @@ def merge(params: Any, adapters: Any) -> Any:
 
     Returns:
         A pytree like ``params``. Adapted leaves are new arrays of the base dtype, computed in
-        float32 and rounded once, on the base weight's sharding; every other leaf is the very same
+        float32 and rounded once, on the base weight's sharding; a trainable extra's leaf is the
+        extra's value, exactly (on the base leaf's sharding); every other leaf is the very same
         object as in ``params``.
 
     Raises:
-        AdapterMismatchError: an adapter's path is missing from ``params`` or its shapes do not fit.
+        AdapterMismatchError: an adapter's path is missing from ``params`` or its shapes do not fit;
+            an extra's shape or dtype differs from its base leaf's.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -130,6 +166,8 @@ def merge(params: Any, adapters: Any) -> Any:
         ...     jnp.ones((3, 1)), jnp.ones((1, 2)), scale=2.0, layout=jlora.Layout(1, 1))}}
         >>> merge(params, adapters)["dense"]["kernel"].tolist()
         [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+        >>> merge({"head": jnp.zeros(2)}, {"head": jlora.Trainable(jnp.ones(2))})["head"].tolist()
+        [1.0, 1.0]
     """
     return _apply(params, adapters, subtract=False)
 
@@ -138,14 +176,21 @@ def unmerge(params: Any, adapters: Any) -> Any:
     """Inverts :func:`merge`: ``W - scale * a @ b`` at each adapted weight.
 
     ``unmerge(merge(p, f), f)`` equals ``p`` to float32 round-off (exactly, for values that float32
-    sums represent exactly).
+    sums represent exactly), except at trainable extras (:class:`jlora.Trainable`).
+
+    A merge *replaced* each extra's leaf, and neither the merged tree nor the adapters hold the
+    base's old value, so unmerge leaves those leaves as they are in ``params`` (the trained
+    values) rather than guess. The result is still a base these adapters fit: every consumer of a
+    ``(params, adapters)`` pair (``merge``, ``jlora.linen``, ``jlora.nnx``) replaces those leaves by
+    the adapters' extras, so ``merge(unmerge(m, f), f)`` equals ``m`` there bit for bit. To get the
+    original values back, take them from the original base.
 
     Args:
         params: merged parameters.
         adapters: the adapters that were merged in.
 
     Returns:
-        A pytree like ``params`` with the adapters' deltas taken out.
+        A pytree like ``params`` with the adapters' deltas taken out; extras' leaves unchanged.
 
     Raises:
         AdapterMismatchError: as for :func:`merge`.
@@ -164,11 +209,15 @@ def unmerge(params: Any, adapters: Any) -> Any:
 def delta(adapters: Any) -> dict[str, Any]:
     """The weight update ``scale * a @ b`` of each adapter, in float32, shaped like its weight.
 
+    Trainable extras have no low-rank update (theirs is the extra minus a base value the adapters
+    do not hold), so they are left out of the result.
+
     Args:
         adapters: an adapter pytree.
 
     Returns:
-        A pytree of the same structure as ``adapters`` with a float32 array at each adapter.
+        A pytree of the same structure as ``adapters`` with a float32 array at each adapter
+        (a nested dict of the factor paths alone when the tree holds extras).
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -176,5 +225,7 @@ def delta(adapters: Any) -> dict[str, Any]:
         >>> delta({"w": f})["w"].shape
         (4, 3)
     """
-    factors_by_path(adapters)  # validates the tree
+    table, extras = adapter_tables(adapters)  # validates the tree
+    if extras:
+        return nest({path: factor_delta(f) for path, f in table.items()})
     return jax.tree_util.tree_map(factor_delta, adapters, is_leaf=_is_factors)

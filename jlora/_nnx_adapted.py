@@ -23,12 +23,13 @@ from typing import Any
 
 from flax import nnx
 
-from ._errors import MissingRngError, TargetError
+from ._errors import AdapterMismatchError, MissingRngError, TargetError
 from ._factors import LoraFactors
-from ._nnx_kinds import ATTEND_TERM, Kind, factors_of, is_adapted_class
+from ._nnx_kinds import Kind, factors_of, is_adapted_class
 
 ADDED = ("lora_a", "lora_b", "lora_dropout", "lora_path", "deterministic", "lora_rngs")
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, Kind], type] = {}
+_MIXINS: dict[Kind, type] = {}
 
 
 class LoraParam(nnx.Variable):
@@ -64,44 +65,92 @@ def _rate_and_rng(module: Any) -> tuple[float, Any]:
     return rate, module.lora_rngs()
 
 
-def _methods(base: type, kind: Kind) -> dict[str, Any]:
-    def __call__(self, inputs, *args, **kwargs):
-        y = base.__call__(self, inputs, *args, **kwargs)
+def set_view(self, deterministic: bool | None = None):
+    """Used by ``nnx.view``: ``deterministic=True`` switches LoRA dropout off.
+
+    Args:
+        deterministic: if True, the adapter's input is not dropped.
+    """
+    if deterministic is not None and "deterministic" in vars(self):
+        self.deterministic = deterministic
+
+
+# Overrides of a layer's methods that are running, innermost last, and whether each reached the
+# layer's own method (where the term is added). Python state at trace time only.
+_PENDING: list[list[bool]] = []
+
+
+def _with_term(own: Any, term: Any) -> Any:
+    def method(self, inputs, *args, **kwargs):
+        y = own(self, inputs, *args, **kwargs)
+        if _PENDING:
+            _PENDING[-1][0] = True
         rate, rng = _rate_and_rng(self)
-        return y + kind.term(self, inputs, y.dtype, factors_of(self), rate, rng, *args, **kwargs)
+        return y + term(self, inputs, y.dtype, factors_of(self), rate, rng, *args, **kwargs)
 
-    def set_view(self, deterministic: bool | None = None):
-        """Used by ``nnx.view``: ``deterministic=True`` switches LoRA dropout off.
+    method.__name__ = method.__qualname__ = own.__name__
+    method.__doc__ = own.__doc__
+    return method
 
-        Args:
-            deterministic: if True, the adapter's input is not dropped.
-        """
-        if deterministic is not None and "deterministic" in vars(self):
-            self.deterministic = deterministic
 
-    methods: dict[str, Any] = {"__call__": __call__, "set_view": set_view}
-    if kind.name == "nnx.Embed":
+def _checked(override: Any, kind: Kind) -> Any:
+    def method(self, *args, **kwargs):
+        _PENDING.append([False])
+        try:
+            y = override(self, *args, **kwargs)
+            reached = _PENDING[-1][0]
+        finally:
+            _PENDING.pop()
+        if not reached:
+            raise AdapterMismatchError(
+                f"{self.lora_path}: {type(self).__dict__['_jlora_base'].__qualname__}."
+                f"{override.__name__} overrides {kind.name}.{override.__name__} without calling "
+                f"it (super().{override.__name__}(...)), so the LoRA term has no place where it "
+                "equals the merged layer. Call the parent's method, declare the layer with "
+                "layers={cls: jlora.CustomLayer(...)}, or exclude this path"
+            )
+        return y
 
-        def attend(self, query, *args, **kwargs):
-            y = base.attend(self, query, *args, **kwargs)
-            return y + ATTEND_TERM(self, query, y.dtype, factors_of(self), 0.0, None)
+    method.__name__ = method.__qualname__ = override.__name__
+    return method
 
-        methods["attend"] = attend
-    return methods
+
+def _mixin(kind: Kind) -> type:
+    """``kind.cls`` with the term added to its own methods (one class per kind)."""
+    cls = _MIXINS.get(kind)
+    if cls is None:
+        methods = {m: _with_term(getattr(kind.cls, m), t) for m, t in kind.terms}
+
+        def body(ns: dict[str, Any]) -> None:
+            ns.update(methods, set_view=set_view, __module__="jlora.nnx")
+
+        cls = types.new_class(f"Lora{kind.cls.__name__}", (kind.cls,), exec_body=body)
+        _MIXINS[kind] = cls
+    return cls
 
 
 def adapted_class(base: type, kind: Kind) -> type:
-    """The adapted subclass of ``base`` (one per base class, so jit caches stay warm)."""
-    cls = _CLASSES.get(base)
+    """The adapted subclass of ``base`` (one per base class and kind, so jit caches stay warm).
+
+    For a subclass of the kind's class, the class sits between the subclass and a copy of the
+    kind's class with the term added (Python's MRO puts it there), so an override that calls
+    ``super().__call__`` reaches the term inside that call.
+    """
+    cls = _CLASSES.get((base, kind))
     if cls is None:
+        mixin = _mixin(kind)
+        overrides = {
+            m: _checked(getattr(base, m), kind)
+            for m in kind.methods
+            if getattr(base, m) is not getattr(kind.cls, m)
+        }
 
         def body(ns: dict[str, Any]) -> None:
-            ns.update(_methods(base, kind))
-            ns["__module__"] = "jlora.nnx"
-            ns["_jlora_base"] = base
+            ns.update(overrides, _jlora_base=base, _jlora_kind=kind, __module__="jlora.nnx")
 
-        cls = types.new_class(f"Lora{base.__name__}", (base,), exec_body=body)
-        _CLASSES[base] = cls
+        parents = (mixin,) if base is kind.cls else (base, mixin)
+        cls = types.new_class(f"Lora{base.__name__}", parents, exec_body=body)
+        _CLASSES[(base, kind)] = cls
     return cls
 
 

@@ -3,7 +3,8 @@
 An adapted layer's factors live in :class:`LoraParam` variables ``lora_a``/``lora_b`` whose metadata
 holds the static ``scale``, ``layout`` and adapted attribute, so a factor state alone converts to
 :class:`jlora.LoraFactors` at the weight's path (``<module path>/<weight>``), the same path the
-weight has in ``nnx.state(model, nnx.Param)``.
+weight has in ``nnx.state(model, nnx.Param)``. Trainable extras are the model's own marked
+``nnx.Param`` s (:mod:`jlora._nnx_extras`) and convert to :class:`jlora.Trainable` at their paths.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import jax
 from flax import nnx
 
 from ._errors import AdapterMismatchError
+from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
-from ._merge import _combine, check_fit, factors_by_path
+from ._merge import _combine, adapter_tables, check_fit
 from ._nnx_adapted import LoraParam, detach, weight_of
+from ._nnx_extras import TRAINABLE, is_extra, unmark
 from ._nnx_kinds import factors_of
 from ._paths import nest
 
@@ -68,16 +71,23 @@ def adapted(model: Any) -> dict[str, tuple[Parts, Any]]:
     return out
 
 
+def extras_of(model: nnx.Module) -> dict[str, Any]:
+    """``{path: nnx.Param}`` of the trainable extras of ``model``, in order."""
+    return {join(parts): var for parts, var in flat_variables(nnx.state(model, is_extra))}
+
+
 def to_adapters(source: nnx.Module | Any) -> dict[str, Any]:
     """The functional adapter pytree (as :func:`jlora.init` makes) of a model or factor state.
 
     Args:
         source: an adapted ``nnx.Module``, or a state holding its :class:`LoraParam` variables
-            (``nnx.state(model, LoraParam)``, or the factor state of ``nnx.split``).
+            (``nnx.state(model, LoraParam)``, ``nnx.state(model, jlora.nnx.TRAINABLE)``, or the
+            factor state of ``nnx.split``).
 
     Returns:
-        A nested dict with a :class:`jlora.LoraFactors` at each adapted weight path, sharing the
-        factors' arrays, so ``jlora.merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        A nested dict with a :class:`jlora.LoraFactors` at each adapted weight path and a
+        :class:`jlora.Trainable` at each trainable extra (a marked ``nnx.Param``), sharing the
+        model's arrays, so ``jlora.merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
         to_adapters(model))`` is the merged parameter tree.
 
     Raises:
@@ -92,12 +102,14 @@ def to_adapters(source: nnx.Module | Any) -> dict[str, Any]:
         >>> to_adapters(model)["kernel"].a.shape
         (6, 2)
     """
-    state = nnx.state(source, LoraParam) if isinstance(source, nnx.Module) else source
+    state = nnx.state(source, TRAINABLE) if isinstance(source, nnx.Module) else source
     pairs: dict[Parts, dict[str, Any]] = {}
+    table: dict[str, Any] = {}
     for parts, var in flat_variables(state):
         if isinstance(var, LoraParam):
             pairs.setdefault(parts[:-1], {})[parts[-1]] = var
-    table = {}
+        elif is_extra(parts, var):
+            table[join(parts)] = Trainable(var.get_value())
     for owner, pair in pairs.items():
         if set(pair) != {"lora_a", "lora_b"}:
             raise AdapterMismatchError(
@@ -117,9 +129,11 @@ def to_adapters(source: nnx.Module | Any) -> dict[str, Any]:
 def to_state(model: nnx.Module, adapters: Any) -> Any:
     """The :class:`LoraParam` state of ``model`` with the factors of ``adapters`` in it.
 
-    The result has the structure of ``nnx.state(model, LoraParam)``, for ``nnx.update(model,
+    The result has the structure of ``nnx.state(model, jlora.nnx.TRAINABLE)`` (that is
+    ``nnx.state(model, LoraParam)`` plus the trainable extras, if any), for ``nnx.update(model,
     state)`` or ``nnx.merge(graphdef, state, rest)``. The adapters may differ from the model's in
-    rank, scale and dtype, but must cover exactly its adapted weights, with their layouts.
+    rank, scale and dtype, but must cover exactly its adapted weights, with their layouts, and
+    exactly its trainable extras, with their shapes and dtypes.
 
     Args:
         model: an adapted ``nnx.Module``.
@@ -131,7 +145,8 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
 
     Raises:
         AdapterMismatchError: an adapter has no adapted layer at its path, an adapted layer has no
-            adapter, or factors do not fit their weight.
+            adapter, or factors do not fit their weight; the extras differ from the model's in
+            paths, shapes or dtypes.
 
     Example:
         >>> import jax
@@ -145,8 +160,18 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
         8.0
     """
     check_module(model, "to_state")
-    table = factors_by_path(adapters)
+    table, extras = adapter_tables(adapters)
     layers = adapted(model)
+    marked = extras_of(model)
+    for path in [*extras, *marked]:
+        if (path in extras) != (path in marked):
+            where = "the adapters but not the model" if path in extras else "the model only"
+            raise AdapterMismatchError(
+                f"{path}: a trainable extra at this path is in {where}; the model's extras are "
+                f"{list(marked)[:8]}. Make the model with jlora.nnx.lora and the same config's "
+                "trainable, or the adapters with jlora.nnx.to_adapters(model)"
+            )
+        check_extra_fit(path, marked[path].get_value(), extras[path])
     for path in table:
         if path not in layers:
             raise AdapterMismatchError(
@@ -171,6 +196,8 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
 
     def replace(key_path: Any, var: Any) -> Any:
         parts = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+        if not isinstance(var, LoraParam):
+            return var.replace(extras[join(parts)].value)
         path = join((*parts[:-1], var.get_metadata()["lora_weight"]))
         factors = table[path]
         value = factors.a if parts[-1] == "lora_a" else factors.b
@@ -178,7 +205,7 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
         return LoraParam(value, **meta)
 
     return jax.tree_util.tree_map_with_path(
-        replace, nnx.state(model, LoraParam), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        replace, nnx.state(model, TRAINABLE), is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 
@@ -212,7 +239,8 @@ def merge(model: M, *, copy: bool = True) -> M:
     Each adapted layer becomes an instance of its original class again (``nnx.Linear``, ...) with
     no :class:`LoraParam` and no dropout attributes, and its weight is ``W0 + delta`` formed in
     float32 with ``Precision.HIGHEST`` and rounded once to the weight's dtype, as
-    :func:`jlora.merge` does. Every other variable is unchanged.
+    :func:`jlora.merge` does. Trainable extras keep their (trained) values and lose their mark, so
+    the merged graphdef is the base's. Every other variable is unchanged.
 
     Args:
         model: an adapted ``nnx.Module``.
@@ -247,4 +275,6 @@ def merge(model: M, *, copy: bool = True) -> M:
         check_fit(path, w0, factors)
         weight.set_value(_combine(w0, factors, subtract=False))  # exactly jlora.merge's rule
         detach(module)
+    for var in extras_of(model).values():
+        unmark(var)
     return model

@@ -29,11 +29,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import _einsum, ops
+from ._custom import CustomLayer
 from ._errors import AdapterMismatchError, TargetError
 from ._factors import LoraFactors
 from ._layout import Layout
 
-SUPPORTED = "nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed"
+SUPPORTED = (
+    "nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed (and their subclasses), and "
+    "layers declared with layers={cls: jlora.CustomLayer(...)}"
+)
 
 Term = Callable[..., jax.Array]
 
@@ -47,18 +51,29 @@ class Kind:
         weight: the attribute holding the adapted weight.
         spec: ``(module, path) -> layout string`` of one layer's weight (no stack axes); raises
             :class:`TargetError` for configurations jlora cannot adapt.
-        term: ``(module, x, y_dtype, factors, rate, rng, *args, **kwargs) -> LoRA term``, given
-            the layer's input and call arguments; added to the base output.
+        terms: ``((method, term), ...)``: each method whose output gets a term, and the term
+            ``(module, x, y_dtype, factors, rate, rng, *args, **kwargs) -> array``, given the
+            method's input and call arguments; added to the method's output.
         choose: ``(module, path, chosen) -> layout string`` when ``LoraConfig.layouts`` gives a
             layout for the weight (raises :class:`TargetError` if it does not fit); None for
             kinds whose layout is fixed by the module.
+        cls: the class whose own methods the term is added to: a subclass's override that calls
+            ``super().__call__`` gets the term inside that call, where it equals the merged layer.
+        linear: whether the layer is a linear (Dense-like) layer, for the ``"all-linear"`` preset.
     """
 
     name: str
     weight: str
     spec: Callable[[Any, str], str]
-    term: Term
+    terms: tuple[tuple[str, Term], ...]
     choose: Callable[[Any, str, Layout], str] | None = None
+    cls: type | None = None
+    linear: bool = True
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods whose output gets the term."""
+        return tuple(m for m, _ in self.terms)
 
 
 def _floating(x: jax.Array, dtype: Any) -> jax.Array:
@@ -185,48 +200,73 @@ def _fixed(spec: str) -> Callable[[Any, str], str]:
     return lambda module, path: spec
 
 
+def _kind(cls: type, name: str, weight: str, spec, terms, choose=None, linear=True):
+    return cls, Kind(name, weight, spec, terms, choose, cls, linear)
+
+
 # Order matters only for subclasses of several kinds; none of Flax's are.
 KINDS: tuple[tuple[type, Kind], ...] = (
-    (nnx.Linear, Kind("nnx.Linear", "kernel", _fixed("io"), _linear_term)),
-    (
+    _kind(nnx.Linear, "nnx.Linear", "kernel", _fixed("io"), (("__call__", _linear_term),)),
+    _kind(
         nnx.LinearGeneral,
-        Kind("nnx.LinearGeneral", "kernel", _linear_general_spec, _linear_general_term),
+        "nnx.LinearGeneral",
+        "kernel",
+        _linear_general_spec,
+        (("__call__", _linear_general_term),),
     ),
-    (nnx.Einsum, Kind("nnx.Einsum", "kernel", _einsum_spec, _einsum_term, _einsum_choose)),
-    (nnx.Conv, Kind("nnx.Conv", "kernel", _conv_spec, _conv_term)),
-    (nnx.Embed, Kind("nnx.Embed", "embedding", _fixed("vo"), _embed_lookup_term)),
+    _kind(
+        nnx.Einsum,
+        "nnx.Einsum",
+        "kernel",
+        _einsum_spec,
+        (("__call__", _einsum_term),),
+        _einsum_choose,
+    ),
+    _kind(nnx.Conv, "nnx.Conv", "kernel", _conv_spec, (("__call__", _conv_term),), linear=False),
+    _kind(
+        nnx.Embed,
+        "nnx.Embed",
+        "embedding",
+        _fixed("vo"),
+        (("__call__", _embed_lookup_term), ("attend", _embed_attend_term)),
+        linear=False,
+    ),
 )
 
-ATTEND_TERM = _embed_attend_term
+
+_CUSTOM: dict[tuple[type, CustomLayer], Kind] = {}
 
 
-def _wrapped(kind: Kind) -> tuple[str, ...]:
-    return ("__call__", "attend") if kind.name == "nnx.Embed" else ("__call__",)
+def custom_kind(cls: type, layer: CustomLayer) -> Kind:
+    """The :class:`Kind` of a layer declared with :class:`jlora.CustomLayer` (one per pair, so
+    adapted classes, and with them compiled programs, are reused across calls)."""
+    kind = _CUSTOM.get((cls, layer))
+    if kind is None:
+        kind = _CUSTOM[(cls, layer)] = _custom_kind(cls, layer)
+    return kind
 
 
-def kind_of(module: Any) -> Kind | None:
-    """The kind of ``module``, or None if jlora cannot adapt it.
+def _custom_kind(cls: type, layer: CustomLayer) -> Kind:
 
-    A subclass of a supported layer qualifies only if it keeps the methods the LoRA term is added
-    to: if it overrode ``__call__`` (say, to scale the output), adding the term after it would no
-    longer equal the merged layer.
+    def term(module, x, dtype, f, rate, rng, *args, **kwargs):
+        return layer.compute(module, ops.dropout(_floating(x, dtype), rate, rng), f)
+
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return Kind(
+        name, layer.param, _fixed(layer.layout), tuple((m, term) for m in layer.methods), None, cls
+    )
+
+
+def kind_of(module: Any, custom: tuple[tuple[type, Kind], ...] = ()) -> Kind | None:
+    """The kind of ``module`` (subclasses included), or None if jlora cannot adapt it.
+
+    Declared layers (``custom``) come first, so a declaration overrides a built-in kind.
     """
-    for cls, kind in KINDS:
+    if is_adapted_class(type(module)):
+        return type(module).__dict__["_jlora_kind"]
+    for cls, kind in (*custom, *KINDS):
         if isinstance(module, cls):
-            same = all(getattr(type(module), m) is getattr(cls, m) for m in _wrapped(kind))
-            return kind if same or is_adapted_class(type(module)) else None
-    return None
-
-
-def overridden(module: Any) -> str | None:
-    """For a supported layer's subclass that overrides a wrapped method: a sentence saying so."""
-    for cls, kind in KINDS:
-        if isinstance(module, cls):
-            names = [m for m in _wrapped(kind) if getattr(type(module), m) is not getattr(cls, m)]
-            return (
-                f"{type(module).__qualname__} subclasses {kind.name} but overrides {names}, so "
-                "the factored term cannot be placed exactly; "
-            )
+            return kind
     return None
 
 

@@ -40,7 +40,6 @@ _UNSUPPORTED = {
     "use_dora": "DoRA adds a learned magnitude vector to each weight",
     "lora_bias": "lora_B carries a bias",
     "bias": "the file also holds trained biases of the base model",
-    "modules_to_save": "whole modules are saved next to the adapters",
     "trainable_token_indices": "selected embedding rows are trained as full vectors",
     "layer_replication": "the model's layers are replicated before adapting",
     "alora_invocation_tokens": "activated LoRA applies the adapter only after its invocation tokens",
@@ -111,6 +110,7 @@ class PeftSettings:
     use_rslora: bool
     lora_dropout: float
     init: str
+    modules_to_save: tuple[str, ...] = ()
 
     def rank_for(self, module: str) -> int:
         return resolve(self.rank_pattern, self.r, module)
@@ -174,6 +174,11 @@ def read(data: Any, where: str) -> PeftSettings:
             UserWarning,
             stacklevel=4,
         )
+    saved = data.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
+        raise PeftFormatError(
+            f"{where}: 'modules_to_save' is {saved!r}; expected a list of module names (or null)"
+        )
     r = _field(data, "r", 8, (int,), where)
     alpha = _field(data, "lora_alpha", 8, (int, float), where)
     init = data.get("init_lora_weights", True)
@@ -185,6 +190,7 @@ def read(data: Any, where: str) -> PeftSettings:
         use_rslora=_field(data, "use_rslora", False, (bool,), where),
         lora_dropout=float(_field(data, "lora_dropout", 0.0, (int, float), where)),
         init="gaussian" if init == "gaussian" else "kaiming_uniform",
+        modules_to_save=tuple(saved),
     )
 
 
@@ -200,6 +206,7 @@ def write(
     target_modules: Sequence[str] | str,
     base_model_name_or_path: str | None,
     task_type: str | None,
+    modules_to_save: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict for modules with the given ranks and alphas.
 
@@ -222,7 +229,7 @@ def write(
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": "gaussian" if init == "gaussian" else True,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_dora": False,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import warnings
 from typing import Any
 
 from ._config import LoraConfig
-from ._errors import NotAnArrayError, TargetError
+from ._errors import NotAnArrayError, SkippedTargetsWarning, TargetError, skipped_message
 from ._layout import Layout
+from ._match import PRESETS, is_module_name, literal, matcher
 from ._paths import leaves_with_paths
 
 
@@ -64,8 +66,62 @@ def _kernel_hint(path: str) -> str:
     return f".*{re.escape(parent.rsplit('/', 1)[-1])}/kernel"
 
 
+def _target(path: str, leaf: Any, config: LoraConfig) -> Target:
+    """One targeted weight, validated (raises TargetError / NotAnArrayError)."""
+    if not _is_array_like(leaf):
+        raise NotAnArrayError(
+            f"{path}: targeted a leaf of type {type(leaf).__name__}, not an array; expected a "
+            "weight (jax/numpy array or jax.ShapeDtypeStruct). Narrow LoraConfig.targets or add "
+            "this path to exclude"
+        )
+    shape = tuple(leaf.shape)
+    spec = config.layout_for(path)
+    layout = default_layout(path, shape) if spec is None else Layout.parse(spec)
+    if not layout.fits(len(shape)):
+        raise TargetError(
+            f"{path}: layout {spec!r} needs at least {layout.own_ndim} "
+            f"axes but the weight has shape {shape}; fix LoraConfig.layouts for this path"
+        )
+    rank = config.rank_for(path)
+    if rank > layout.max_rank(shape):
+        raise TargetError(
+            f"{path}: rank {rank} is larger than min(fan_in, fan_out) = "
+            f"{layout.max_rank(shape)} for a weight of shape {shape} (layout "
+            f"{layout.spec(len(shape))!r}); a full-rank update needs no LoRA. Lower the rank "
+            "with rank_pattern for this path, or exclude it"
+        )
+    return Target(path, shape, leaf.dtype, layout, rank, config.scale_for(path))
+
+
+def check_patterns(paths: list[str], config: LoraConfig) -> None:
+    """In strict mode, every target (but a preset) must match some path."""
+    if not config.strict:
+        return
+    known = set(paths)
+    for pattern in config.targets:
+        if pattern in PRESETS or literal(pattern) in known:
+            continue
+        if any(matcher((pattern,))(p) for p in paths):
+            continue
+        kind = (
+            f"module name {pattern!r} names no module with a 'kernel' or 'embedding' weight and"
+            if is_module_name(pattern)
+            else f"target {pattern!r}"
+        )
+        raise TargetError(
+            f"{kind} matches no parameter path (regexes must match the whole '/'-joined path; "
+            f"module names match at any depth). Closest paths: {_closest(pattern, paths)}. Fix "
+            "the pattern, e.g. prefix a regex with '.*' to match at any depth, or pass "
+            "strict=False to adapt what matches"
+        )
+
+
 def select(params: Any, config: LoraConfig) -> list[Target]:
     """The weights of ``params`` that ``config`` targets, validated, in tree order.
+
+    With ``config.strict=False`` (and for paths only the ``"all-linear"`` preset selects),
+    weights that cannot be adapted are skipped and reported in one
+    :class:`jlora.SkippedTargetsWarning` instead of raising.
 
     Raises:
         TargetError: a target pattern matches no path, a targeted weight has fewer than 2 axes or an
@@ -74,43 +130,27 @@ def select(params: Any, config: LoraConfig) -> list[Target]:
     """
     leaves = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
-    for pattern in config.targets:
-        if not any(re.fullmatch(pattern, p) for p in paths):
-            raise TargetError(
-                f"target {pattern!r} matches no parameter path (patterns must match the whole "
-                f"'/'-joined path). Closest paths: {_closest(pattern, paths)}. Fix the pattern, "
-                "e.g. prefix it with '.*' to match at any depth"
-            )
-    targets = []
+    check_patterns(paths, config)
+    targets, skipped = [], {}
     for path, leaf in leaves:
         if not config.selects(path):
             continue
-        if not _is_array_like(leaf):
-            raise NotAnArrayError(
-                f"{path}: targeted a leaf of type {type(leaf).__name__}, not an array; expected a "
-                "weight (jax/numpy array or jax.ShapeDtypeStruct). Narrow LoraConfig.targets or add "
-                "this path to exclude"
-            )
-        shape = tuple(leaf.shape)
-        spec = config.layout_for(path)
-        layout = default_layout(path, shape) if spec is None else Layout.parse(spec)
-        if not layout.fits(len(shape)):
-            raise TargetError(
-                f"{path}: layout {spec!r} needs at least {layout.own_ndim} "
-                f"axes but the weight has shape {shape}; fix LoraConfig.layouts for this path"
-            )
-        rank = config.rank_for(path)
-        if rank > layout.max_rank(shape):
-            raise TargetError(
-                f"{path}: rank {rank} is larger than min(fan_in, fan_out) = "
-                f"{layout.max_rank(shape)} for a weight of shape {shape} (layout "
-                f"{layout.spec(len(shape))!r}); a full-rank update needs no LoRA. Lower the rank "
-                "with rank_pattern for this path, or exclude it"
-            )
-        targets.append(Target(path, shape, leaf.dtype, layout, rank, config.scale_for(path)))
+        try:
+            targets.append(_target(path, leaf, config))
+        except (TargetError, NotAnArrayError) as e:
+            if config.strict and not config.by_preset_only(path):
+                raise
+            skipped[path] = str(e)
     if not targets:
         raise TargetError(
-            f"targets {list(config.targets)} minus exclude {list(config.exclude)} select no weight; "
-            f"paths include {paths[:8]}. Loosen LoraConfig.exclude"
+            f"targets {list(config.targets)} minus exclude {list(config.exclude)} select no "
+            f"adaptable weight; paths include {paths[:8]}"
+            + (
+                f"; skipped: {skipped_message(skipped)}"
+                if skipped
+                else ". Loosen LoraConfig.exclude"
+            )
         )
+    if skipped:
+        warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=3)
     return targets

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,12 +40,22 @@ import flax.linen as nn
 import jax
 
 from ._config import LoraConfig
-from ._errors import AdapterMismatchError, MissingRngError, TargetError
+from ._custom import CustomLayer, check_layers
+from ._errors import (
+    AdapterMismatchError,
+    MissingRngError,
+    SkippedTargetsWarning,
+    TargetError,
+    skipped_message,
+)
 from ._factors import init
 from ._layout import Layout
-from ._linen_intercept import Applier, inject, strip, trace, unused_reason
-from ._merge import factors_by_path
+from ._linen_intercept import Applier, inject, join, strip, trace, unused_reason
+from ._linen_layers import LayerKind, custom_kind
+from ._merge import adapter_tables
 from ._paths import leaves_with_paths
+from ._summary import AdapterSummary, summary
+from ._targets import check_patterns
 
 __all__ = ["LoraModel", "lora"]
 
@@ -61,6 +72,7 @@ class LoraModel:
         model: the wrapped ``flax.linen`` module (unbound).
         config: which weights to adapt and how.
         rng_stream: the rng stream LoRA dropout draws from in train mode.
+        layers: declared layer kinds, ``((module class, jlora.CustomLayer), ...)``.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
@@ -76,6 +88,7 @@ class LoraModel:
     model: nn.Module
     config: LoraConfig
     rng_stream: str = "dropout"
+    layers: tuple[tuple[type, CustomLayer], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -83,6 +96,12 @@ class LoraModel:
             if isinstance(model, type) and issubclass(model, nn.Module):
                 found = f"the class {model.__name__}"
                 fix = f"pass an instance, e.g. {model.__name__}(...)"
+            elif isinstance(getattr(model, "module", None), nn.Module):
+                found = f"{type(model).__name__}, a wrapper holding a Linen module"
+                fix = (
+                    "pass its .module (for a Hugging Face Flax model: jlora.linen.lora(hf.module, "
+                    "config), then adapted.apply(hf.params, adapters, ...))"
+                )
             elif type(model).__module__.startswith("flax.nnx"):
                 found = f"the flax.nnx object {type(model).__name__}"
                 fix = "use jlora.nnx for flax.nnx models"
@@ -100,6 +119,14 @@ class LoraModel:
             )
         if not isinstance(self.rng_stream, str):
             raise TypeError(f"jlora.linen.lora: rng_stream {self.rng_stream!r} is not a string")
+        layers = self.layers
+        layers = check_layers(
+            "jlora.linen.lora", dict(layers) if isinstance(layers, tuple) else layers
+        )
+        object.__setattr__(self, "layers", tuple(layers.items()))
+
+    def _custom(self) -> tuple[tuple[type, LayerKind], ...]:
+        return tuple((cls, custom_kind(cls, layer)) for cls, layer in self.layers)
 
     def infer_layouts(
         self,
@@ -145,7 +172,8 @@ class LoraModel:
             rngs,
             method,
             self.config,
-        )
+            self._custom(),
+        ).seen
         out = {}
         for path, leaf in leaves_with_paths(params):
             owner, _, name = path.rpartition("/")
@@ -185,7 +213,9 @@ class LoraModel:
             **kwargs: keyword inputs, as for ``model.apply``.
 
         Returns:
-            ``{...: LoraFactors}``, mirroring ``params`` at the targeted weights.
+            ``{...: LoraFactors}``, mirroring ``params`` at the targeted weights, plus a
+            :class:`jlora.Trainable` copy of each leaf ``config.trainable`` selects (these leaves
+            of ``params`` must be concrete arrays).
 
         Raises:
             TargetError: a target lands on a weight jlora cannot adapt (a module kind other than
@@ -202,6 +232,96 @@ class LoraModel:
             >>> f.a.shape, f.b.shape
             ((3, 3, 2, 2), (2, 6))
         """
+        run = trace(
+            self.model,
+            params,
+            args,
+            kwargs,
+            self._variables(variables),
+            rngs,
+            method,
+            self.config,
+            self._custom(),
+        )
+        config, seen = self.config, run.seen
+        leaves = leaves_with_paths(params)
+        check_patterns([p for p, _ in leaves], config)
+        chosen, layouts, skipped = [], [], {}
+        for path, leaf in leaves:
+            if not config.selects(path):
+                continue
+            owner = path.rpartition("/")[0]
+            preset = config.by_preset_only(path)
+            module = seen.get(owner)
+            if preset and module is not None and module.kind is not None:
+                # "all-linear": linear layers only, and never the output head.
+                if not module.kind.linear or owner in run.heads:
+                    continue
+            reason = unused_reason(path, seen)
+            if reason is None and module is None:
+                reason = (
+                    "no module used this weight when the model ran on the example inputs; pass "
+                    "inputs (and method=) that run it, or exclude this path"
+                )
+            if reason is not None:
+                if config.strict and not preset:
+                    raise TargetError(f"{path}: {reason}")
+                skipped[path] = reason
+                continue
+            chosen.append(path)
+            layouts.append((re.escape(path), module.layout.spec(len(leaf.shape))))
+        if skipped:
+            warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=2)
+        if not chosen:
+            raise TargetError(
+                f"targets {list(config.targets)} select no weight jlora.linen can adapt in this "
+                f"model (skipped: {sorted(skipped) or 'none'}); check the targets"
+            )
+        # The paths chosen here, exactly: rank/alpha patterns and the rest apply as given.
+        exact = dataclasses.replace(
+            config,
+            targets=tuple(re.escape(p) for p in chosen),
+            exclude=(),
+            strict=True,
+            layouts=(*layouts, *config.layouts),
+        )
+        return init(key, params, exact)
+
+    def summary(
+        self,
+        params: Any,
+        adapters: Any,
+        *args: Any,
+        variables: Mapping[str, Any] | None = None,
+        rngs: Any = None,
+        method: Any = None,
+        **kwargs: Any,
+    ) -> AdapterSummary:
+        """A table of the adapted weights with their layer kinds (one abstract run of the model).
+
+        Args:
+            params: the base params.
+            adapters: the adapters.
+            *args: example inputs, as for :meth:`init_adapters`.
+            variables: other collections.
+            rngs: rng streams the example call needs.
+            method: the method to run.
+            **kwargs: keyword inputs.
+
+        Returns:
+            A :class:`jlora.AdapterSummary`; ``print`` it.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
+            >>> model = nn.Dense(4)
+            >>> x = jnp.ones((3, 6))
+            >>> params = model.init(jax.random.key(0), x)["params"]
+            >>> adapted = jlora.linen.lora(model, jlora.LoraConfig(targets="kernel", rank=2))
+            >>> print(adapted.summary(params, adapted.init_adapters(jax.random.key(1), params, x), x))
+            path    kind      weight shape  rank  scale  params
+            kernel  nn.Dense  (6, 4)           2      8      20
+            trainable params: 20 of 28 in the base (71.43%)
+        """
         seen = trace(
             self.model,
             params,
@@ -211,23 +331,14 @@ class LoraModel:
             rngs,
             method,
             self.config,
-        )
-        layouts = []
-        for path, leaf in leaves_with_paths(params):
-            if not self.config.selects(path):
-                continue
-            reason = unused_reason(path, seen)
-            owner = path.rpartition("/")[0]
-            if reason is None and owner not in seen:
-                reason = (
-                    "no module used this weight when the model ran on the example inputs; pass "
-                    "inputs (and method=) that run it, or exclude this path"
-                )
-            if reason is not None:
-                raise TargetError(f"{path}: {reason}")
-            layouts.append((re.escape(path), seen[owner].layout.spec(len(leaf.shape))))
-        config = dataclasses.replace(self.config, layouts=(*layouts, *self.config.layouts))
-        return init(key, params, config)
+            self._custom(),
+        ).seen
+        kinds = {
+            join(owner, module.kind.param): module.kind_name
+            for owner, module in seen.items()
+            if module.kind is not None
+        }
+        return summary(adapters, params, kinds=kinds)
 
     def apply(
         self,
@@ -246,6 +357,8 @@ class LoraModel:
         Args:
             params: the frozen base params (no ``'params'`` wrapper).
             adapters: adapters for these params (:meth:`init_adapters`, training, a checkpoint).
+                Their trainable extras (:class:`jlora.Trainable`) replace the weights at their
+                paths, so gradients with respect to ``adapters`` reach them.
             *args: inputs, as for ``model.apply``.
             variables: other collections, e.g. ``{'batch_stats': ...}`` or ``{'cache': ...}``.
             rngs: rng streams, as for ``model.apply``. LoRA dropout draws from
@@ -287,11 +400,11 @@ class LoraModel:
                 f"{self.rng_stream!r} key; pass rngs={{{self.rng_stream!r}: key}} to apply, or "
                 "lora_train=False to evaluate"
             )
-        table = factors_by_path(adapters)
-        applier = Applier(rate, self.rng_stream, self.config)
+        table, extras = adapter_tables(adapters)
+        applier = Applier(rate, self.rng_stream, self.config, self._custom())
         with nn.intercept_methods(applier):
             result = self.model.apply(
-                {"params": inject(params, table), **variables},
+                {"params": inject(params, table, extras), **variables},
                 *args,
                 rngs=rngs,
                 mutable=mutable,
@@ -318,7 +431,13 @@ class LoraModel:
         return dict(variables)
 
 
-def lora(model: nn.Module, config: LoraConfig, *, rng_stream: str = "dropout") -> LoraModel:
+def lora(
+    model: nn.Module,
+    config: LoraConfig,
+    *,
+    rng_stream: str = "dropout",
+    layers: Mapping[type, CustomLayer] | None = None,
+) -> LoraModel:
     """Attaches LoRA to a ``flax.linen`` model at the weights ``config`` targets.
 
     Args:
@@ -326,6 +445,9 @@ def lora(model: nn.Module, config: LoraConfig, *, rng_stream: str = "dropout") -
         config: which weights to adapt and how; layouts are read from the model, so
             ``config.layouts`` is only needed for weights of modules jlora does not know.
         rng_stream: the rng stream LoRA dropout draws from in train mode.
+        layers: layer kinds jlora does not know, ``{module class: jlora.CustomLayer(...)}``:
+            which parameter the layer multiplies its input by, and its layout (e.g. ``"oi"`` for
+            Hugging Face GPT-2's ``FlaxConv1D``, whose kernel is stored ``(out, in)``).
 
     Returns:
         A :class:`LoraModel`; see its ``init_adapters`` and ``apply``. Adapted layers:
@@ -348,4 +470,4 @@ def lora(model: nn.Module, config: LoraConfig, *, rng_stream: str = "dropout") -
         >>> bool(jnp.allclose(y, model.apply({"params": merged}, x), atol=1e-5))
         True
     """
-    return LoraModel(model, config, rng_stream=rng_stream)
+    return LoraModel(model, config, rng_stream=rng_stream, layers=tuple((layers or {}).items()))

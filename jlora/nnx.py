@@ -13,6 +13,12 @@ factors only, ``nnx.split(model, LoraParam, ...)`` isolates them, and ``nnx.Para
 the frozen base only. :func:`to_adapters` and :func:`to_state` convert between the factors' state
 and the functional adapter pytree of :func:`jlora.init`; :func:`merge` returns a plain model.
 
+Trainable extras (``LoraConfig.trainable``: a classifier head, a resized embedding) are the model's
+own ``nnx.Param`` s, trained in place: :func:`lora` marks them (metadata ``lora_trainable=True``;
+they stay ``nnx.Param``), and :data:`TRAINABLE` selects factors and extras, for
+``nnx.Optimizer(model, tx, wrt=jlora.nnx.TRAINABLE)``. They appear as :class:`jlora.Trainable` in
+:func:`to_adapters`.
+
 LoRA dropout follows ``nnx.Dropout``: an adapted layer starts in train mode
 (``deterministic=False``) and draws its masks from an ``nnx.RngStream`` forked at adaptation from
 the ``dropout`` stream of ``rngs`` (``default`` if there is none); ``model.eval()``,
@@ -45,18 +51,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import jax
 from flax import nnx
 
 from ._config import LoraConfig
-from ._errors import MissingRngError, TargetError
+from ._custom import CustomLayer, check_layers
+from ._errors import MissingRngError, SkippedTargetsWarning, TargetError, skipped_message
+from ._extras import check_trainable_paths
 from ._factors import init
 from ._layout import Layout
 from ._merge import factors_by_path
 from ._nnx_adapted import LoraParam, attach, check_free, is_adapted
 from ._nnx_convert import (
+    adapted,
     check_module,
     flat_variables,
     join,
@@ -66,10 +77,23 @@ from ._nnx_convert import (
     to_adapters,
     to_state,
 )
-from ._nnx_kinds import SUPPORTED, kind_of, overridden
+from ._nnx_extras import TRAINABLE, mark
+from ._nnx_kinds import SUPPORTED, custom_kind, kind_of
 from ._paths import nest
+from ._summary import AdapterSummary
+from ._summary import summary as summarise
+from ._targets import check_patterns
 
-__all__ = ["LoraParam", "lora", "merge", "set_adapters", "to_adapters", "to_state"]
+__all__ = [
+    "TRAINABLE",
+    "LoraParam",
+    "lora",
+    "merge",
+    "set_adapters",
+    "summary",
+    "to_adapters",
+    "to_state",
+]
 
 M = TypeVar("M", bound=nnx.Module)
 Parts = tuple[Any, ...]
@@ -80,13 +104,12 @@ def _where(parts: Parts) -> str:
     return join(parts) or "(root)"
 
 
-def _unsupported(path: str, parts: Parts, model: Any) -> TargetError:
+def _unsupported(path: str, parts: Parts, model: Any, custom: tuple) -> TargetError:
     owner = parts[:-1]
     while owner and not isinstance(node(model, owner), nnx.Module):
         owner = owner[:-1]
     module = node(model, owner)
-    kind = kind_of(module)
-    note = overridden(module) or ""
+    kind = kind_of(module, custom)
     what = (
         f"the {parts[-1]!r} of {kind.name} '{_where(owner)}' (only its {kind.weight!r} can be "
         "adapted)"
@@ -94,7 +117,7 @@ def _unsupported(path: str, parts: Parts, model: Any) -> TargetError:
         else f"a weight of module '{_where(owner)}' of kind {type(module).__qualname__}"
     )
     return TargetError(
-        f"{path}: the targets select {what}; {note}jlora.nnx adapts the weights of {SUPPORTED}. "
+        f"{path}: the targets select {what}; jlora.nnx adapts the weights of {SUPPORTED}. "
         "Narrow LoraConfig.targets (e.g. to '.*kernel') or add this path to exclude"
     )
 
@@ -136,8 +159,61 @@ def _spec(kind: Any, module: Any, path: str, where: str, config: LoraConfig) -> 
     return spec
 
 
+def _extras(flat: list[tuple[Parts, Any]], config: LoraConfig, adapted: set[str]) -> list[Any]:
+    """The Params ``config.trainable`` selects, validated (see :func:`jlora.init`)."""
+    if not config.trainable:
+        return []
+    paths = [join(parts) for parts, _ in flat]
+    selected = set(check_trainable_paths(paths, config, adapted))
+    out = []
+    for parts, var in flat:
+        path = join(parts)
+        if path in selected:
+            if not jax.numpy.issubdtype(var.dtype, jax.numpy.floating):
+                raise TargetError(
+                    f"{path}: trainable selects a Param of dtype {var.dtype}, which cannot take "
+                    "gradients; expected a floating-point weight. Narrow LoraConfig.trainable"
+                )
+            out.append(var)
+    return out
+
+
+HEAD_NAMES = ("lm_head", "head", "classifier", "logits", "unembed", "score")
+
+
+def _is_head(parts: Parts) -> bool:
+    # NNX adapts without running the model, so the output head is known by its name only.
+    return len(parts) >= 2 and str(parts[-2]) in HEAD_NAMES
+
+
+def _plan(model: Any, parts: Parts, var: Any, module: Any, kind: Any, custom: tuple, config):
+    """``((owner, module, kind, stack shape), layout string)`` for one targeted weight."""
+    path = join(parts)
+    if kind is None or parts[-1] != kind.weight:
+        raise _unsupported(path, parts, model, custom)
+    if is_adapted(module):
+        raise TargetError(
+            f"{path}: this layer already has LoRA factors; merge them first "
+            "(jlora.nnx.merge) or load other adapters with jlora.nnx.set_adapters"
+        )
+    check_free(module, _where(parts[:-1]))
+    spec = _spec(kind, module, path, _where(parts[:-1]), config)
+    n_stack = len(var.shape) - len(spec)
+    if n_stack < 0:
+        raise TargetError(
+            f"{path}: {kind.name} weight of shape {var.shape} has fewer axes than its "
+            f"layout {spec!r}; is the module's configuration consistent with its weight?"
+        )
+    return (parts[:-1], module, kind, tuple(var.shape[:n_stack])), "s" * n_stack + spec
+
+
 def lora(
-    model: M, config: LoraConfig, *, rngs: nnx.Rngs | jax.Array | int, copy: bool = False
+    model: M,
+    config: LoraConfig,
+    *,
+    rngs: nnx.Rngs | jax.Array | int,
+    copy: bool = False,
+    layers: Mapping[type, CustomLayer] | None = None,
 ) -> M:
     """Adds LoRA factors to the layers of ``model`` that ``config`` targets.
 
@@ -146,6 +222,8 @@ def lora(
     ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv`` or ``nnx.Embed``. Layouts are inferred
     from the layers, and the factors are exactly ``jlora.init(key, params, config)`` for those
     params and layouts (``key = rngs.params()``), so the adapted model equals the base at init.
+    The Params ``config.trainable`` selects are marked as trainable extras (trained in place;
+    train with ``wrt=jlora.nnx.TRAINABLE``).
 
     Args:
         model: any ``nnx.Module``.
@@ -155,6 +233,8 @@ def lora(
             if any, is forked into each layer for LoRA dropout), an int seed or a PRNG key.
         copy: adapt a copy (``nnx.clone``) and leave ``model`` untouched; by default ``model``
             itself is adapted (and returned).
+        layers: layer kinds jlora does not know, ``{module class: jlora.CustomLayer(...)}``:
+            the attribute holding the weight the layer multiplies its input by, and its layout.
 
     Returns:
         The adapted model (``model`` itself unless ``copy``).
@@ -162,7 +242,8 @@ def lora(
     Raises:
         TypeError: ``model`` is not an ``nnx.Module``.
         TargetError: a target selects a weight of another kind of module (or a bias), a layer
-            configuration jlora cannot adapt, an already adapted layer, or nothing at all.
+            configuration jlora cannot adapt, an already adapted layer, or nothing at all; a
+            ``trainable`` pattern matches no Param, or selects a targeted or non-float one.
         MissingRngError: ``rngs`` has neither a ``params`` nor a ``default`` stream.
 
     Example:
@@ -176,6 +257,10 @@ def lora(
     check_module(model, "lora")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"jlora.nnx.lora: config must be a jlora.LoraConfig, got {config!r}")
+    custom = tuple(
+        (cls, custom_kind(cls, layer))
+        for cls, layer in check_layers("jlora.nnx.lora", layers).items()
+    )
     rngs = _as_rngs(rngs)
     if "params" not in rngs and "default" not in rngs:
         raise MissingRngError(
@@ -185,35 +270,79 @@ def lora(
     if copy:
         model = nnx.clone(model)
     flat = flat_variables(nnx.state(model, nnx.Param))
-    plan, layouts = {}, []
+    check_patterns([join(parts) for parts, _ in flat], config)
+    plan, layouts, skipped = {}, [], {}
     for parts, var in flat:
         path = join(parts)
         if not config.selects(path):
             continue
         module = node(model, parts[:-1])
-        kind = kind_of(module)
-        if kind is None or parts[-1] != kind.weight:
-            raise _unsupported(path, parts, model)
-        if is_adapted(module):
-            raise TargetError(
-                f"{path}: this layer already has LoRA factors; merge them first "
-                "(jlora.nnx.merge) or load other adapters with jlora.nnx.set_adapters"
-            )
-        check_free(module, _where(parts[:-1]))
-        spec = _spec(kind, module, path, _where(parts[:-1]), config)
-        n_stack = len(var.shape) - len(spec)
-        if n_stack < 0:
-            raise TargetError(
-                f"{path}: {kind.name} weight of shape {var.shape} has fewer axes than its "
-                f"layout {spec!r}; is the module's configuration consistent with its weight?"
-            )
-        layouts.append((re.escape(path), "s" * n_stack + spec))
-        plan[path] = (parts[:-1], module, kind, tuple(var.shape[:n_stack]))
-    config = dataclasses.replace(config, layouts=(*layouts, *config.layouts))
+        kind = kind_of(module, custom)
+        preset = config.by_preset_only(path)
+        if preset and kind is not None and (not kind.linear or _is_head(parts)):
+            continue  # "all-linear": linear layers only, and never the output head
+        try:
+            plan[path], layout = _plan(model, parts, var, module, kind, custom, config)
+        except TargetError as e:
+            if config.strict and not preset:
+                raise
+            skipped[path] = str(e)
+            continue
+        layouts.append((re.escape(path), layout))
+    if skipped:
+        warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=2)
+    if not plan:
+        raise TargetError(
+            f"targets {list(config.targets)} select no weight jlora.nnx can adapt in this model "
+            f"(skipped: {sorted(skipped) or 'none'}); check the targets"
+        )
+    extras = _extras(flat, config, set(plan))
+    # Exactly the weights planned here. The extras are the model's own Params, trained in place:
+    # init copies none.
+    config = dataclasses.replace(
+        config,
+        targets=tuple(re.escape(p) for p in plan),
+        exclude=(),
+        strict=True,
+        layouts=(*layouts, *config.layouts),
+        trainable=(),
+    )
     params = nest({join(parts): jax.ShapeDtypeStruct(var.shape, var.dtype) for parts, var in flat})
     adapters = factors_by_path(init(rngs.params(), params, config))
     for path, factors in adapters.items():
         owner, module, kind, stack = plan[path]
         stream = _dropout_stream(rngs, stack) if config.dropout > 0 else None
         attach(module, _where(owner), kind, factors, config.dropout, stream)
+    for var in extras:
+        mark(var)
     return model
+
+
+def summary(model: nnx.Module) -> AdapterSummary:
+    """A table of the adapted layers of ``model``: path, layer kind, weight shape, rank, scale and
+    trainable parameters, and their share of the model's ``nnx.Param`` parameters.
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        A :class:`jlora.AdapterSummary`; ``print`` it.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jlora, jlora.nnx
+        >>> model = jlora.nnx.lora(
+        ...     nnx.Linear(6, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(targets="kernel", rank=2), rngs=0
+        ... )
+        >>> print(jlora.nnx.summary(model))
+        path    kind        weight shape  rank  scale  params
+        kernel  nnx.Linear  (6, 4)           2      8      20
+        trainable params: 20 of 28 in the base (71.43%)
+    """
+    check_module(model, "summary")
+    kinds = {
+        path: type(module).__dict__["_jlora_kind"].name
+        for path, (_, module) in adapted(model).items()
+    }
+    base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return summarise(to_adapters(model), base, kinds=kinds)

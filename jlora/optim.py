@@ -22,8 +22,10 @@ optimizer with :func:`labels` and ``optax.partition``.
 **One combined tree.** Keeping the frozen base and the adapters as separate arguments needs no
 masks (``jax.grad(loss)(adapters, base, ...)``). Users who keep one tree (``{'params': base,
 'lora': adapters}``, or any tree that contains :class:`jlora.LoraFactors`) can label it:
-every leaf inside a ``LoraFactors`` node is a factor, every other leaf is frozen, and
-:func:`freeze_base` gives ``optax.set_to_zero()`` (which has no state) to the frozen part.
+every leaf inside a ``LoraFactors`` node is a factor, every leaf inside a :class:`jlora.Trainable`
+node (a trainable extra, e.g. a classifier head from ``LoraConfig.trainable``) trains as a plain
+parameter, every other leaf is frozen, and :func:`freeze_base` gives ``optax.set_to_zero()`` (which
+has no state) to the frozen part. LoRA+ scales ``b`` alone: extras train at the optimizer's rate.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import jax
 import optax
 
+from ._extras import Trainable
 from ._factors import LoraFactors
 
 __all__ = ["freeze_base", "labels", "lora_plus", "mask", "scale_by_lora_plus"]
@@ -45,6 +48,10 @@ _partition = getattr(optax, "partition", None) or optax.multi_transform
 
 def _is_factors(x: Any) -> bool:
     return isinstance(x, LoraFactors)
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (LoraFactors, Trainable))
 
 
 def _check_ratio(ratio: Any) -> float:
@@ -137,57 +144,71 @@ def lora_plus(
 
 
 def _checked_factor_count(tree: Any, caller: str) -> None:
-    nodes = jax.tree_util.tree_leaves(tree, is_leaf=_is_factors)
-    if not any(_is_factors(n) for n in nodes):
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=_is_node)
+    if not any(_is_node(n) for n in nodes):
         raise ValueError(
             f"jlora.optim.{caller}: the tree holds no jlora.LoraFactors, so every leaf would be "
-            "frozen and nothing would train. Pass the tree that contains the adapters (e.g. "
+            "frozen and nothing would train (nor any jlora.Trainable extra). Pass the tree that "
+            "contains the adapters (e.g. "
             "{'params': base, 'lora': adapters} with adapters from jlora.init), not the base alone "
             "or adapters converted to plain dicts"
         )
 
 
-def labels(tree: Any, *, a: str = "lora", b: str = "lora", other: str = "frozen") -> Any:
+def labels(
+    tree: Any,
+    *,
+    a: str = "lora",
+    b: str = "lora",
+    other: str = "frozen",
+    trainable: str = "lora",
+) -> Any:
     """Labels every leaf of a combined tree for ``optax.partition``.
 
-    Leaves inside a :class:`jlora.LoraFactors` node get ``a`` or ``b``; all other leaves get
-    ``other``. The result has the tree's structure (factor labels sit in ``LoraFactors`` nodes), as
-    ``optax.partition`` requires. Use distinct ``a`` and ``b`` labels to give ``b`` an optimizer of
-    its own (LoRA+ for optimizers :func:`lora_plus` cannot scale exactly).
+    Leaves inside a :class:`jlora.LoraFactors` node get ``a`` or ``b``; the value of each
+    :class:`jlora.Trainable` node (a trainable extra) gets ``trainable``; all other leaves get
+    ``other``. The result has the tree's structure (labels sit in ``LoraFactors`` and
+    ``Trainable`` nodes), as ``optax.partition`` requires. Use distinct ``a`` and ``b`` labels to
+    give ``b`` an optimizer of its own (LoRA+ for optimizers :func:`lora_plus` cannot scale
+    exactly), and a distinct ``trainable`` label to give the extras theirs.
 
     Args:
         tree: a pytree containing adapters (arrays or ``jax.ShapeDtypeStruct`` leaves).
         a: label of the ``a`` factors.
         b: label of the ``b`` factors.
         other: label of every other leaf (the frozen base).
+        trainable: label of the trainable extras (trained in full, like the factors by default).
 
     Returns:
         A pytree of strings with the structure of ``tree``.
 
     Raises:
-        ValueError: the tree holds no ``LoraFactors`` (nothing would train).
+        ValueError: the tree holds no ``LoraFactors`` or ``Trainable`` (nothing would train).
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
         >>> from jlora.optim import labels
         >>> base = {"w": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
-        >>> adapters = jlora.init(jax.random.key(0), base, jlora.LoraConfig(targets="w", rank=2))
-        >>> tags = labels({"params": base, "lora": adapters})
-        >>> tags["params"]["bias"], tags["lora"]["w"].a, tags["lora"]["w"].b
-        ('frozen', 'lora', 'lora')
+        >>> config = jlora.LoraConfig(targets="w", rank=2, trainable=("bias",))
+        >>> adapters = jlora.init(jax.random.key(0), base, config)
+        >>> tags = labels({"params": base, "lora": adapters}, trainable="head")
+        >>> tags["params"]["bias"], tags["lora"]["w"].a, tags["lora"]["w"].b, tags["lora"]["bias"]
+        ('frozen', 'lora', 'lora', Trainable(value='head'))
     """
     _checked_factor_count(tree, "labels")
 
     def label(node: Any) -> Any:
         if _is_factors(node):
             return dataclasses.replace(node, a=a, b=b)
+        if isinstance(node, Trainable):
+            return Trainable(trainable)
         return other
 
-    return jax.tree_util.tree_map(label, tree, is_leaf=_is_factors)
+    return jax.tree_util.tree_map(label, tree, is_leaf=_is_node)
 
 
 def mask(tree: Any, *, invert: bool = False) -> Any:
-    """``True`` at every factor leaf of a combined tree, ``False`` elsewhere (for ``optax.masked``).
+    """``True`` at every factor and extra of a combined tree, ``False`` elsewhere (``optax.masked``).
 
     ``optax.masked(inner, mask)`` runs ``inner`` on the ``True`` leaves and passes the others
     through *unchanged* (gradients stay gradients), so freezing needs the inverted mask:
@@ -195,13 +216,13 @@ def mask(tree: Any, *, invert: bool = False) -> Any:
 
     Args:
         tree: a pytree containing adapters.
-        invert: mark the non-factor leaves (the base) instead.
+        invert: mark the frozen leaves (the base) instead.
 
     Returns:
         A pytree of bools with the structure of ``tree``.
 
     Raises:
-        ValueError: the tree holds no ``LoraFactors``.
+        ValueError: the tree holds no ``LoraFactors`` or ``Trainable``.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -212,16 +233,17 @@ def mask(tree: Any, *, invert: bool = False) -> Any:
         [True, True, False]
     """
     _checked_factor_count(tree, "mask")
-    tags = labels(tree, a="factor", b="factor", other="base")
+    tags = labels(tree, a="factor", b="factor", other="base", trainable="factor")
     return jax.tree_util.tree_map(lambda tag: (tag == "factor") != invert, tags)
 
 
 def freeze_base(optimizer: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Trains the factors of a combined tree with ``optimizer`` and freezes everything else.
+    """Trains the factors and extras of a combined tree with ``optimizer``, freezes everything else.
 
     ``optax.partition({'lora': optimizer, 'frozen': optax.set_to_zero()}, labels)``: the base gets
-    zero updates and ``set_to_zero`` keeps no state, so the optimizer state holds factors only and
-    ``optax.apply_updates`` leaves the base bit-identical. The base's *gradient* is still computed
+    zero updates and ``set_to_zero`` keeps no state, so the optimizer state holds factors and
+    trainable extras (:class:`jlora.Trainable`) only and ``optax.apply_updates`` leaves the base
+    bit-identical. The base's *gradient* is still computed
     if you differentiate the combined tree; to skip that cost, pass the base as its own argument
     (or wrap it in ``jax.lax.stop_gradient``).
 
@@ -229,7 +251,8 @@ def freeze_base(optimizer: optax.GradientTransformation) -> optax.GradientTransf
         optimizer: the optimizer for the factors (``lora_plus(...)`` works too).
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs`` for trees that contain ``LoraFactors``.
+        An ``optax.GradientTransformationExtraArgs`` for trees that contain ``LoraFactors`` (or
+        ``Trainable`` extras).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, jlora
@@ -244,5 +267,5 @@ def freeze_base(optimizer: optax.GradientTransformation) -> optax.GradientTransf
     """
     return _partition(
         {"lora": optimizer, "frozen": optax.set_to_zero()},
-        lambda tree: labels(tree, a="lora", b="lora", other="frozen"),
+        lambda tree: labels(tree, a="lora", b="lora", other="frozen", trainable="lora"),
     )

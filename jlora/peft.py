@@ -17,6 +17,12 @@ stored as float32. Which Flax path is which module is up to two functions; the d
 :func:`path_to_module` and :func:`module_to_path`, map ``a/b/c/kernel`` and ``a/b/c/embedding`` to
 ``a.b.c``. PEFT's format has one 2-D pair per module: adapters of stacked (scanned) layers,
 multi-axis kernels and convolutions are refused with a message saying how to reshape them.
+
+Trainable extras (:class:`jlora.Trainable`, ``LoraConfig.trainable``) are PEFT's
+``modules_to_save``: ``adapter_config.json`` lists their modules and each tensor is stored under the
+module's own name, ``base_model.model.<module>.weight`` (a Linear weight is the kernel transposed)
+or ``.bias``. PEFT saves and loads *whole* modules, so make ``trainable`` cover every parameter of
+such a module (``"classifier/.*"``), or PEFT will miss the others when it loads the file.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from . import _peft_config, _peft_files
+from . import _peft_config, _peft_extras, _peft_files
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError, ConfigError, PeftFormatError
+from ._extras import Trainable
 from ._factors import LoraFactors
 from ._layout import Layout
-from ._merge import factors_by_path
+from ._merge import adapter_tables
 from ._paths import leaves_with_paths, nest
 from ._peft_files import CONFIG_NAME as CONFIG_NAME
 from ._peft_files import WEIGHTS_NAME as WEIGHTS_NAME
@@ -111,7 +118,9 @@ def save(
 
     Args:
         directory: where to write (created if missing); the two files are replaced if present.
-        adapters: the adapter pytree (2-D Dense and Embed adapters only).
+        adapters: the adapter pytree (2-D Dense and Embed adapters only); its trainable extras
+            (2-D kernels and embeddings, 1-D scales and biases) are written as
+            ``modules_to_save``.
         config: the config the adapters were made with; its alphas are written (PEFT stores alpha
             and rank, not the scale), and its dropout, rsLoRA flag and init scheme.
         path_to_module: maps a Flax parameter path to the torch module's dotted name.
@@ -124,7 +133,8 @@ def save(
     Raises:
         PeftFormatError: an adapter has stack axes or a multi-axis kernel, a path does not map to a
             module (or two map to the same one), an adapter's scale is not its config's
-            ``alpha / r``, or ``target_modules`` misses an adapted module.
+            ``alpha / r``, or ``target_modules`` misses an adapted module; an extra is not a
+            Linear, Embedding or norm parameter, or belongs to an adapted module.
 
     Example:
         >>> import os, tempfile, jax, jax.numpy as jnp, jlora
@@ -135,8 +145,16 @@ def save(
         ...     save(d, adapters, config)
         ...     sorted(os.listdir(d))
         ['adapter_config.json', 'adapter_model.safetensors']
+        >>> params["classifier"] = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+        >>> config = jlora.LoraConfig(targets="mlp/.*", rank=2, trainable=("classifier/.*",))
+        >>> adapters = jlora.init(jax.random.key(0), params, config)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save(d, adapters, config)
+        ...     loaded, loaded_config = load(d, params)
+        >>> loaded_config.trainable, loaded["classifier"]["kernel"].value.shape
+        (('classifier/bias', 'classifier/kernel'), (3, 2))
     """
-    table = factors_by_path(adapters)
+    table, extras = adapter_tables(adapters)
     if not table:
         raise PeftFormatError("save: the adapter tree is empty; expected the output of jlora.init")
     tensors: dict[str, np.ndarray] = {}
@@ -170,6 +188,21 @@ def save(
         tensors[f"{_peft_files.PREFIX}{module}.{a_name}"] = a_t
         tensors[f"{_peft_files.PREFIX}{module}.{b_name}"] = b_t
         ranks[module], alphas[module], kinds[module] = rank, alpha, kind
+    saved: dict[str, str] = {}
+    for path, extra in extras.items():
+        module, key, array = _peft_extras.saved_tensor(path, extra.value, path_to_module)
+        if module in owner:
+            raise PeftFormatError(
+                f"{path}: a trainable extra of torch module {module!r}, which also has a LoRA "
+                f"adapter ({owner[module]}); PEFT saves a module either as a LoRA layer or whole "
+                "(modules_to_save). Train the whole module (exclude it from the targets) or none of it"
+            )
+        if key in tensors:
+            raise PeftFormatError(
+                f"{path} and {saved[key]} both map to the tensor {key!r}; fix path_to_module"
+            )
+        tensors[key], saved[key] = array, path
+    modules_to_save = sorted({key[len(_peft_files.PREFIX) :].rpartition(".")[0] for key in saved})
     if target_modules is None:
         target_modules = sorted(ranks)
     for module, kind in kinds.items():
@@ -191,6 +224,7 @@ def save(
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     _peft_files.write_files(directory, tensors, data)
 
@@ -230,6 +264,9 @@ def load(
     regexes), with per-path ranks and alphas as ``rank_pattern`` / ``alpha_pattern``, so
     ``config.scale_for(path)`` and ``jlora.init(key, params, config)`` agree with the adapters.
     Factors come back as float32 whatever the file's dtype (float16/bfloat16 are widened exactly).
+    Tensors of ``modules_to_save`` come back as :class:`jlora.Trainable` extras at their parameter
+    paths (a Linear weight transposed to a kernel), in the dtype of the base's leaf, and the
+    config's ``trainable`` lists those paths.
 
     Args:
         directory: a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -243,9 +280,10 @@ def load(
     Raises:
         FileNotFoundError: a file is missing.
         PeftFormatError: not a LoRA adapter, a feature jlora cannot represent (DoRA, lora bias,
-            saved modules, conv layers, ...), malformed tensors, or ranks that disagree with the
-            config.
-        AdapterMismatchError: a module maps to no parameter, or its factors do not fit the weight.
+            conv layers, ...), malformed tensors, ranks that disagree with the config, or a
+            ``modules_to_save`` entry without tensors.
+        AdapterMismatchError: a module maps to no parameter, or its factors do not fit the weight;
+            a saved module's tensor fits no parameter.
 
     Warns:
         UserWarning: the config has keys PEFT's LoraConfig does not define (they are ignored).
@@ -263,9 +301,11 @@ def load(
     """
     directory = os.fspath(directory)
     settings = _peft_files.read_config(directory)
-    modules = _peft_files.group(
-        _peft_files.read_tensors(directory), os.path.join(directory, WEIGHTS_NAME)
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    lora_tensors, saved = _peft_extras.split_saved(
+        _peft_files.read_tensors(directory), settings.modules_to_save, weights_file
     )
+    modules = _peft_files.group(lora_tensors, weights_file)
     leaves = dict(leaves_with_paths(params))
     by_path: dict[str, tuple[str, dict[str, Any]]] = {}
     for module, entry in modules.items():
@@ -293,9 +333,30 @@ def load(
                 "rank_pattern"
             )
         by_path[path] = (module, entry)
+    extras: dict[str, Trainable] = {}
+    for (module, name), tensor in saved.items():
+        path, value = _peft_extras.saved_path(
+            module,
+            name,
+            np.asarray(tensor),
+            leaves,
+            module_to_path(module, "linear"),
+            module_to_path(module, "embedding"),
+        )
+        if path in by_path or path in extras:
+            raise PeftFormatError(
+                f"{path}: the saved module tensor {module}.{name} maps to a parameter that "
+                f"{'has a LoRA adapter' if path in by_path else 'another tensor maps to'}; fix "
+                "module_to_path"
+            )
+        dtype = leaves[path].dtype
+        extras[path] = Trainable(jnp.asarray(value.astype(np.float32)).astype(dtype))
     ordered = [p for p in leaves if p in by_path]
-    config = _config_for(ordered, by_path, settings, leaves, os.path.join(directory, CONFIG_NAME))
-    adapters = {}
+    extras = {p: extras[p] for p in leaves if p in extras}
+    config = _config_for(
+        ordered, by_path, settings, leaves, os.path.join(directory, CONFIG_NAME), list(extras)
+    )
+    adapters: dict[str, Any] = dict(extras)
     for path in ordered:
         module, entry = by_path[path]
         layout = Layout(1, 1, embedding=entry["kind"] == "embedding")
@@ -311,6 +372,7 @@ def _config_for(
     settings: _peft_config.PeftSettings,
     leaves: dict[str, Any],
     where: str,
+    trainable: list[str] = (),
 ) -> LoraConfig:
     rank_pattern, alpha_pattern, layouts = {}, {}, {}
     for path in paths:
@@ -335,6 +397,7 @@ def _config_for(
             init=settings.init,
             use_rslora=settings.use_rslora,
             layouts=layouts,
+            trainable=tuple(re.escape(p) for p in trainable),
         )
     except ConfigError as e:
         raise PeftFormatError(f"{where}: {e}") from None

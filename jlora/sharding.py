@@ -11,6 +11,9 @@ axes), ``(x a) b`` produces outputs laid out like ``x W0``'s, and the rank axis,
 replicated. Stack axes (scanned layers, experts) follow the base. Nothing here gathers or
 replicates a base weight: ``init`` creates each factor directly on its sharding.
 
+A trainable extra (:class:`jlora.Trainable`, a fully trained copy of a base leaf) takes its base
+leaf's sharding unchanged.
+
 Factor shardings built some other way (logical-axis rules, a checkpoint's metadata) can be checked
 with :func:`check_factor_shardings`: the rank axis must stay replicated, since every device needs
 the whole rank-``r`` intermediate ``x a``.
@@ -25,8 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError
-from ._factors import LoraFactors, draw
-from ._merge import factors_by_path
+from ._extras import Trainable
+from ._factors import LoraFactors, draw, with_extras
+from ._merge import adapter_tables, factors_by_path
 from ._paths import leaves_with_paths, nest
 from ._targets import select
 
@@ -60,7 +64,8 @@ def factor_specs(adapters: Any, param_specs: Any) -> Any:
             output or ``jax.tree.map(lambda x: x.sharding.spec, params)``.
 
     Returns:
-        A pytree like ``adapters`` whose ``a`` and ``b`` leaves are PartitionSpecs.
+        A pytree like ``adapters`` whose ``a`` and ``b`` leaves are PartitionSpecs; each trainable
+        extra holds its weight's spec (``PartitionSpec()`` for None).
 
     Raises:
         AdapterMismatchError: an adapted path has no spec in ``param_specs``, or a spec has more
@@ -77,14 +82,18 @@ def factor_specs(adapters: Any, param_specs: Any) -> Any:
     """
     specs = dict(leaves_with_paths(param_specs, is_leaf=_is_spec))
     out = {}
-    for path, f in factors_by_path(adapters).items():
+    table, extras = adapter_tables(adapters)
+    for path in [*table, *extras]:
         if path not in specs:
             raise AdapterMismatchError(
                 f"{path}: no PartitionSpec for this adapted weight in param_specs; expected a tree "
                 "like the base params with a spec (or None) at every adapted weight"
             )
+    for path, f in table.items():
         a_spec, b_spec = _spec_pair(path, specs[path], f)
         out[path] = LoraFactors(a_spec, b_spec, f.scale, f.layout)
+    for path in extras:
+        out[path] = Trainable(PartitionSpec() if specs[path] is None else specs[path])
     return nest(out)
 
 
@@ -99,7 +108,8 @@ def factor_shardings(adapters: Any, param_shardings: Any, mesh: Mesh | None = No
         mesh: the mesh for PartitionSpec leaves.
 
     Returns:
-        A pytree like ``adapters`` whose ``a`` and ``b`` leaves are NamedShardings.
+        A pytree like ``adapters`` whose ``a`` and ``b`` leaves are NamedShardings; each trainable
+        extra holds its weight's sharding.
 
     Raises:
         AdapterMismatchError: an adapted weight has no NamedSharding (or no PartitionSpec with
@@ -117,9 +127,12 @@ def factor_shardings(adapters: Any, param_shardings: Any, mesh: Mesh | None = No
     """
     if mesh is not None:
         specs = factor_specs(adapters, param_shardings)
-        for path, f in factors_by_path(specs).items():
+        table, extras = adapter_tables(specs)
+        for path, f in table.items():
             for spec in (f.a, f.b):
                 _check_axes(path, spec, mesh)
+        for path, e in extras.items():
+            _check_axes(path, e.value, mesh)
         return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     table = dict(
         leaves_with_paths(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -138,6 +151,14 @@ def factor_shardings(adapters: Any, param_shardings: Any, mesh: Mesh | None = No
         out[path] = LoraFactors(
             NamedSharding(mesh_, a_spec), NamedSharding(mesh_, b_spec), f.scale, f.layout
         )
+    for path in adapter_tables(adapters)[1]:
+        sharding = table.get(path)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            raise AdapterMismatchError(
+                f"{path}: expected a sharding for this trainable extra's weight, found "
+                f"{type(sharding).__name__}; give param_shardings a sharding at every extra too"
+            )
+        out[path] = Trainable(sharding)
     return nest(out)
 
 
@@ -257,7 +278,8 @@ def init(
         mesh: the mesh for PartitionSpec leaves of ``param_shardings``.
 
     Returns:
-        The adapter pytree, equal to ``jlora.init(key, params, config)``, sharded.
+        The adapter pytree, equal to ``jlora.init(key, params, config)``, sharded (trainable
+        extras are copies of the base leaves, on their shardings).
 
     Raises:
         AdapterMismatchError: as for :func:`factor_shardings`.
@@ -277,4 +299,4 @@ def init(
     abstract = jax.eval_shape(lambda k: draw(k, targets, config), key)
     shardings = factor_shardings(abstract, param_shardings, mesh)
     table = {path: (f.a, f.b) for path, f in factors_by_path(shardings).items()}
-    return draw(key, targets, config, shardings=table)
+    return with_extras(draw(key, targets, config, shardings=table), params, config)

@@ -11,19 +11,24 @@ import jlora
 def test_top_level_surface():
     assert sorted(jlora.__all__) == [
         "AdapterMismatchError",
+        "AdapterSummary",
         "ConfigError",
+        "CustomLayer",
         "Layout",
         "LoraConfig",
         "LoraFactors",
         "MissingRngError",
         "NotAnArrayError",
         "ParamCount",
+        "SkippedTargetsWarning",
         "TargetError",
+        "Trainable",
         "count_params",
         "delta",
         "init",
         "merge",
         "ops",
+        "summary",
         "unmerge",
     ]
     # Public submodules (jlora.linen, ...) appear as attributes once imported; they are pinned below.
@@ -59,7 +64,16 @@ SUBMODULES = {
     "checkpoint": ["MergeSummary", "merge_checkpoint", "restore", "save", "save_args", "steps"],
     "linen": ["LoraModel", "lora"],
     "lowrank": ["LowRankDense", "LowRankLinear", "init_factors"],
-    "nnx": ["LoraParam", "lora", "merge", "set_adapters", "to_adapters", "to_state"],
+    "nnx": [
+        "LoraParam",
+        "TRAINABLE",
+        "lora",
+        "merge",
+        "set_adapters",
+        "summary",
+        "to_adapters",
+        "to_state",
+    ],
     "optim": ["freeze_base", "labels", "lora_plus", "mask", "scale_by_lora_plus"],
     "peft": [
         "CONFIG_NAME",

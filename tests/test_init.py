@@ -90,20 +90,26 @@ def test_target_that_matches_nothing_lists_closest_paths():
     params = transformer_params()
     with pytest.raises(
         TargetError,
-        match=r"target 'layers_0/attn/qury/kernel' matches no parameter"
+        match=r"module name 'layers_0/attn/qury/kernel' names no module .* matches no parameter"
         r" path.*Closest paths: \['layers_0/attn/query/kernel'",
     ):
         jlora.init(jax.random.key(0), params, LoraConfig(targets="layers_0/attn/qury/kernel"))
+    with pytest.raises(TargetError, match=r"target '.\*qury.\*' matches no parameter path"):
+        jlora.init(jax.random.key(0), params, LoraConfig(targets=".*qury.*"))
 
 
-def test_plain_name_is_not_a_substring_match():
-    with pytest.raises(TargetError, match=r"prefix it with '\.\*'"):
-        jlora.init(jax.random.key(0), transformer_params(), LoraConfig(targets="query"))
+def test_module_names_match_at_any_depth_and_only_weights():
+    params = transformer_params()
+    adapters = jlora.init(jax.random.key(0), params, LoraConfig(targets=["query", "attn/value"]))
+    paths = sorted(jlora._merge.factors_by_path(adapters))
+    assert paths == [f"layers_{i}/attn/{n}/kernel" for i in (0, 1) for n in ("query", "value")]
+    with pytest.raises(TargetError, match=r"module name 'quer' names no module"):
+        jlora.init(jax.random.key(0), params, LoraConfig(targets="quer"))
 
 
 def test_exclude_everything_is_an_error():
     config = LoraConfig(targets=".*kernel", exclude=".*")
-    with pytest.raises(TargetError, match="select no weight"):
+    with pytest.raises(TargetError, match="select no adaptable weight"):
         jlora.init(jax.random.key(0), transformer_params(), config)
 
 

@@ -77,16 +77,25 @@ def test_init_equals_base_and_keeps_param_paths(case):
     model = _build(case)
     model.eval()
     x = jnp.asarray(case.batch(np.random.default_rng(0)))
-    # eager, so both runs execute the very same base operations (two jitted programs may fuse the
-    # base's arithmetic differently and differ in the last bits)
     y0, params0 = model(x), _pure(model)
     jlora.nnx.lora(model, _config(case), rngs=1)
-    np.testing.assert_array_equal(model(x), y0)
+    y = model(x)
+    if isinstance(model, ScannedDecoder):
+        # nnx.scan compiles its body: the adapted body is another program than the base's, which
+        # XLA may fuse differently, so equal to round-off (a LoRA term moves it by > 1%).
+        np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5 * float(np.abs(y0).max()))
+    else:
+        # Exact: eager, so both runs execute the very same base operations on the same shapes,
+        # and b = 0 (a = 0 for embedding tables) adds an exact zero.
+        np.testing.assert_array_equal(y, y0)
     _assert_trees_equal(_pure(model), params0)  # same paths, same values
     adapters = jlora.nnx.to_adapters(model)
     assert len(jlora._merge.factors_by_path(adapters)) == case.n_adapted
     # the functional core accepts the NNX params and adapters as they are
     _assert_trees_equal(jlora.merge(params0, adapters), params0)
+    # Exact in every case: the same operations with all-zero factors give the same output.
+    jlora.nnx.set_adapters(model, jax.tree.map(jnp.zeros_like, adapters))
+    np.testing.assert_array_equal(model(x), y)
 
 
 @CASES
@@ -107,7 +116,8 @@ def test_factored_equals_merged_plain_model(case):
     # a plain model: the base graph (classes, attributes) and no factors left
     assert nnx.graphdef(merged) == graphdef0
     assert _pure(merged, LoraParam) == {}
-    # the weights are exactly the functional merge, and the adapted model is untouched
+    # the weights are exactly the functional merge (nnx.merge runs jlora.merge's very ops), and
+    # the adapted model is untouched (exact: the same program on the same values)
     _assert_trees_equal(_pure(merged), jlora.merge(params0, adapters))
     _assert_trees_equal(_pure(model), params0)
     np.testing.assert_array_equal(_forward(model, x), y)
@@ -124,6 +134,7 @@ def test_state_round_trip_is_exact(case):
     _assert_trees_equal(jlora.nnx.to_adapters(factors), adapters)
     _assert_trees_equal(jlora.nnx.to_state(model, adapters), factors)
     rebuilt = nnx.merge(graphdef, jlora.nnx.to_state(model, adapters), rest)
+    # Exact: the same graph and values, so the same operations (or the same jitted program).
     np.testing.assert_array_equal(_forward(rebuilt, x), _forward(model, x))
 
 
@@ -387,16 +398,18 @@ def test_dropout_in_train_mode_only():
     stream = layer.lora_rngs
     key = jax.random.fold_in(stream.key.get_value(), stream.count.get_value())
     expected = base + jlora.ops.dense_branch(x, factors, dropout_rate=0.5, rng=key)
-    np.testing.assert_allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
+    # Exact: eager, the layer runs these very ops (the base call, then dense_branch with this key)
+    # on the same shapes.
+    np.testing.assert_array_equal(layer(x), expected)
     assert not np.allclose(layer(x), expected, atol=1e-3)  # a fresh mask on each call
     no_dropout = base + jlora.ops.dense_branch(x, factors)
     layer.eval()
-    np.testing.assert_allclose(layer(x), no_dropout, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(layer(x), no_dropout)
     layer.train()
     assert not np.allclose(layer(x), no_dropout, atol=1e-3)
     if hasattr(nnx, "view"):  # newer Flax: a view with LoRA dropout off
         view = nnx.view(layer, deterministic=True)
-        np.testing.assert_allclose(view(x), no_dropout, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(view(x), no_dropout)
 
 
 def test_dropout_without_rng_stream():
@@ -523,21 +536,6 @@ def test_targets_that_cannot_be_adapted(targets, message):
 def test_unsupported_layer_configurations(build, message):
     with pytest.raises(TargetError, match=message):
         jlora.nnx.lora(_abstract(build), LoraConfig(targets=".*kernel", rank=1), rngs=0)
-
-
-def test_subclass_that_overrides_call_is_refused():
-    class Doubled(nnx.Linear):
-        def __call__(self, x):
-            return 2 * super().__call__(x)
-
-    class Tagged(nnx.Linear):
-        tag = "kept"
-
-    config = LoraConfig(targets="kernel", rank=1)
-    with pytest.raises(TargetError, match=r"Doubled subclasses nnx.Linear but overrides"):
-        jlora.nnx.lora(_abstract(lambda r: Doubled(3, 2, rngs=r)), config, rngs=0)
-    layer = jlora.nnx.lora(_layer(lambda r: Tagged(3, 2, rngs=r)), config, rngs=0)
-    assert isinstance(layer, Tagged) and type(layer).__name__ == "LoraTagged"
 
 
 def test_adapting_twice_is_an_error():
