@@ -198,7 +198,7 @@ def main() -> None:
     summary = jlora.checkpoint.merge_checkpoint(work / "base", work / "adapter", work / "merged")
     print(f"checkpoint merge: {summary}")
     with ocp.StandardCheckpointer() as checkpointer:
-        on_disk = checkpointer.restore((work / "merged" / "state").absolute())
+        on_disk = checkpointer.restore((work / "merged").absolute())
     same_bits = all(
         bool(jnp.array_equal(x, y))
         for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(on_disk), strict=True)

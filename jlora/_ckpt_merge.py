@@ -9,8 +9,9 @@ params)`` (arrays directly in ``dir``), a ``CheckpointManager`` item (``step/<it
 **Writing.** A PyTree checkpoint is normally written in one call that holds every array. orbax's
 partial saving (``orbax.checkpoint.experimental.v1.partial``) appends leaves to an unfinished
 checkpoint and commits it once, so the merged model is written group by group too. Its output is
-an orbax v1 checkpoint: ``ocp.v1.load(out)`` reads it (``ocp.StandardCheckpointer().restore(out /
-"state")`` with the v0 API), and it can be the base of a further merge.
+a PyTree checkpoint like the one ``ocp.StandardCheckpointer().save`` writes:
+``ocp.StandardCheckpointer().restore(out)`` and ``ocp.v1.load_pytree(out)`` read it, and it can be
+the base of a further merge.
 
 Peak host memory is about one group (``group_bytes``, or the largest leaf if bigger) plus the
 float32 work of merging one leaf. Merged leaves are computed by :func:`jlora.merge` itself, one
@@ -67,7 +68,8 @@ class MergeSummary:
         return (
             f"merged {self.merged} adapted leaves and copied {self.copied} others "
             f"({_human(self.nbytes)}, at most {_human(self.peak_group_bytes)} of base leaves in "
-            f"memory at once) in {self.seconds:.1f} s into {self.out}"
+            f"memory at once) in {self.seconds:.1f} s into {self.out}; load it with "
+            f"orbax.checkpoint.StandardCheckpointer().restore('{self.out}')"
         )
 
 
@@ -316,7 +318,10 @@ def merge_checkpoint(
             _write_group(target, values)
             del values
         _partial_api().finalize(target)
-        _replace(target, out, scratch)
+        # The finalized v1 checkpoint holds the PyTree in one subdirectory, a complete PyTree
+        # checkpoint of its own: that is the output, so the loaders users already call
+        # (ocp.StandardCheckpointer().restore(out), ocp.v1.load_pytree(out)) read it directly.
+        _replace(_only_pytree(target), out, scratch)
     finally:
         handler.close()
         close()
@@ -329,6 +334,17 @@ def merge_checkpoint(
         seconds=time.perf_counter() - start,
         peak_group_bytes=peak,
     )
+
+
+def _only_pytree(target: epath.Path) -> epath.Path:
+    found = [d for d in target.iterdir() if d.is_dir() and (d / "_METADATA").exists()]
+    if len(found) != 1:
+        raise RuntimeError(
+            f"{target}: orbax's partial save wrote {sorted(d.name for d in found)} PyTree "
+            "directories, expected one; this orbax-checkpoint version lays checkpoints out "
+            "differently from those jlora was tested with"
+        )
+    return found[0]
 
 
 def _replace(new: epath.Path, out: epath.Path, scratch: epath.Path) -> None:

@@ -37,27 +37,39 @@ SUFFIXES: dict[str, tuple[Kind, str]] = {
 NAMES = {(kind, f): suffix[1:] for suffix, (kind, f) in SUFFIXES.items()}
 
 
-def peft_pair(path: str, f: LoraFactors) -> tuple[Kind, np.ndarray, np.ndarray]:
-    """One 2-D adapter as PEFT's float32 ``(kind, A = a^T, B = b^T)``; anything else is refused."""
+def peft_pair(
+    path: str, f: LoraFactors, flatten: bool = False
+) -> tuple[Kind, np.ndarray, np.ndarray]:
+    """One adapter as PEFT's float32 ``(kind, A = a^T, B = b^T)``.
+
+    A 2-D adapter (``io`` or a transposed ``oi`` kernel: the factors are the same) is written as
+    it is. With ``flatten``, a multi-axis kernel with no stack axis is written as the torch Linear
+    it is when its fan-in and fan-out axes are each flattened in the weight's order (a
+    DenseGeneral or einsum projection: ``(d, heads, head_dim)`` is ``Linear(d, heads * head_dim)``).
+    Anything else is refused with the reason.
+    """
     layout = f.layout
     spec = layout.spec(f.a.ndim - 1 + layout.fan_out_ndim)
-    if f.a.ndim != 2 or f.b.ndim != 2 or layout.fan_in_ndim != 1 or layout.fan_out_ndim != 1:
-        stacked = f.a.ndim - 1 - layout.fan_in_ndim
+    stacked = f.a.ndim - 1 - layout.fan_in_ndim
+    two_d = layout.fan_in_ndim == 1 and layout.fan_out_ndim == 1
+    if stacked or not (two_d or flatten):
         why = (
-            f"has {stacked} leading stack axes (scanned or stacked layers); unstack them into one "
-            "adapter per layer (a[i], b[i] under a path per layer) and map each to its module"
+            f"has {stacked} stack axes (scanned or stacked layers, or one adapter per head or "
+            "expert); unstack them into one adapter per layer (a[i], b[i] under a path per "
+            "layer) and map each to its module"
             if stacked
-            else "is a multi-axis kernel (DenseGeneral, Einsum or convolution). For a layer that is "
-            "a Linear in torch, reshape the weight and factors to the 2-D (fan_in, fan_out) matrix "
-            "it sees (a.reshape(-1, r), b.reshape(r, -1)) before saving; convolutions cannot be "
-            "written, so leave them out"
+            else "is a multi-axis kernel (DenseGeneral, Einsum or convolution). If the layer is "
+            "a Linear in torch, pass flatten=True to write it as the 2-D (fan_in, fan_out) matrix "
+            "it is with each group of axes flattened in the weight's order; a convolution has "
+            "the same layout but cannot be written, so leave it out"
         )
         raise PeftFormatError(
             f"{path}: adapter a {tuple(f.a.shape)}, b {tuple(f.b.shape)} (layout {spec!r}) {why}. "
             "PEFT's LoRA format holds one 2-D pair per torch Linear or Embedding module"
         )
-    a = np.asarray(jax.device_get(f.a)).astype(np.float32)
-    b = np.asarray(jax.device_get(f.b)).astype(np.float32)
+    rank = f.a.shape[-1]
+    a = np.asarray(jax.device_get(f.a)).astype(np.float32).reshape(-1, rank)
+    b = np.asarray(jax.device_get(f.b)).astype(np.float32).reshape(rank, -1)
     kind: Kind = "embedding" if layout.embedding else "linear"
     return kind, np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
 

@@ -109,6 +109,7 @@ def save(
     target_modules: Sequence[str] | str | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    flatten: bool = False,
 ) -> None:
     """Writes adapters as a PEFT LoRA adapter: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
@@ -129,9 +130,13 @@ def save(
             select every adapted module under PEFT's rules.
         base_model_name_or_path: recorded for PEFT (the Hub id or path of the torch base model).
         task_type: recorded for PEFT (e.g. ``"CAUSAL_LM"``); tensor names do not depend on it.
+        flatten: write multi-axis kernels (DenseGeneral, einsum projections such as Gemma's
+            ``(heads, d_model, head_dim)`` query) as the torch Linear whose weight is the 2-D
+            ``(fan_in, fan_out)`` view, each group of axes flattened in the weight's order. Only
+            for layers that are a Linear in torch: convolutions have the same layouts.
 
     Raises:
-        PeftFormatError: an adapter has stack axes or a multi-axis kernel, a path does not map to a
+        PeftFormatError: an adapter has stack axes or (without ``flatten``) a multi-axis kernel, a path does not map to a
             module (or two map to the same one), an adapter's scale is not its config's
             ``alpha / r``, or ``target_modules`` misses an adapted module; an extra is not a
             Linear, Embedding or norm parameter, or belongs to an adapted module.
@@ -163,7 +168,7 @@ def save(
     kinds: dict[str, Kind] = {}
     owner: dict[str, str] = {}
     for path, f in table.items():
-        kind, a_t, b_t = _peft_files.peft_pair(path, f)
+        kind, a_t, b_t = _peft_files.peft_pair(path, f, flatten)
         module = path_to_module(path)
         if not isinstance(module, str) or not module or module.startswith(_peft_files.PREFIX):
             raise PeftFormatError(

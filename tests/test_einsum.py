@@ -250,3 +250,32 @@ def test_nnx_einsums_adapt_in_factored_form_and_merge_to_a_plain_model(layouts):
     plain = jlora.nnx.merge(model)
     assert not hasattr(plain.q, "lora_a") and type(plain.q) is nnx.Einsum
     _assert_close(plain(x), merged64, x)
+
+
+def test_peft_export_flattens_einsum_kernels_into_the_torch_linear(tmp_path):
+    from safetensors.numpy import load_file
+
+    import jlora.peft
+
+    weights = _weights(12)
+    config = LoraConfig(targets=["q", "out"], rank=2, alpha=3.0, layouts=_natural())
+    adapters = _randomise(jlora.init(jax.random.key(0), weights, config), 13)
+    with pytest.raises(jlora.peft.PeftFormatError, match=r"out: .*'iio'.*pass flatten=True"):
+        jlora.peft.save(tmp_path, adapters, config, path_to_module=str)
+    jlora.peft.save(tmp_path, adapters, config, path_to_module=str, flatten=True)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for name, (_, shape) in EINSUMS.items():
+        if name not in ("q", "out"):
+            continue
+        a_t = tensors[f"base_model.model.{name}.lora_A.weight"].astype(np.float64)
+        b_t = tensors[f"base_model.model.{name}.lora_B.weight"].astype(np.float64)
+        # torch's Linear(fan_in, fan_out): delta W^T = scale * B @ A, W = (prod(i), prod(o)).
+        flat = adapters[name].scale * (b_t @ a_t).T
+        layout = adapters[name].layout
+        canonical = [shape[k] for k in layout.to_factor_order(len(shape))]
+        n_in = layout.fan_in_ndim
+        delta = flat.reshape(canonical).transpose(layout.from_factor_order(len(shape)))
+        assert flat.shape == (int(np.prod(canonical[:n_in])), int(np.prod(canonical[n_in:])))
+        np.testing.assert_allclose(
+            delta, jlora.delta(adapters)[name], rtol=0, atol=8 * np.finfo(np.float32).eps
+        )
