@@ -154,3 +154,34 @@ def select(params: Any, config: LoraConfig) -> list[Target]:
     if skipped:
         warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=3)
     return targets
+
+
+def exact_config(
+    config: LoraConfig,
+    chosen: list[str],
+    layouts: list[tuple[str, str]],
+    skipped: dict[str, str],
+    where: str,
+    **changes: Any,
+) -> LoraConfig:
+    """The config a Flax transform hands :func:`jlora.init` once it has chosen the weights.
+
+    Reports ``skipped`` weights (one :class:`SkippedTargetsWarning`), refuses an empty choice, and
+    targets exactly the ``chosen`` paths with their ``layouts``; rank/alpha patterns and the rest
+    apply as given.
+    """
+    if skipped:
+        warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=3)
+    if not chosen:
+        raise TargetError(
+            f"targets {list(config.targets)} select no weight {where} can adapt in this model "
+            f"(skipped: {sorted(skipped) or 'none'}); check the targets"
+        )
+    return dataclasses.replace(
+        config,
+        targets=tuple(re.escape(p) for p in chosen),
+        exclude=(),
+        strict=True,
+        layouts=(*layouts, *config.layouts),
+        **changes,
+    )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,18 +43,16 @@ from ._custom import CustomLayer, check_layers
 from ._errors import (
     AdapterMismatchError,
     MissingRngError,
-    SkippedTargetsWarning,
     TargetError,
-    skipped_message,
 )
 from ._factors import init
 from ._layout import Layout
-from ._linen_intercept import Applier, inject, join, strip, trace, unused_reason
+from ._linen_intercept import Applier, Trace, inject, join, strip, trace, unused_reason
 from ._linen_layers import LayerKind, custom_kind
 from ._merge import adapter_tables
 from ._paths import leaves_with_paths
 from ._summary import AdapterSummary, summary
-from ._targets import check_patterns
+from ._targets import check_patterns, exact_config
 
 __all__ = ["LoraModel", "lora"]
 
@@ -125,6 +122,11 @@ class LoraModel:
         )
         object.__setattr__(self, "layers", tuple(layers.items()))
 
+    def _trace(self, params, args, kwargs, variables, rngs, method) -> Trace:
+        custom = tuple((cls, custom_kind(cls, layer)) for cls, layer in self.layers)
+        variables = self._variables(variables)
+        return trace(self.model, params, args, kwargs, variables, rngs, method, self.config, custom)
+
     def _custom(self) -> tuple[tuple[type, LayerKind], ...]:
         return tuple((cls, custom_kind(cls, layer)) for cls, layer in self.layers)
 
@@ -163,17 +165,7 @@ class LoraModel:
             >>> jlora.linen.lora(model, jlora.LoraConfig(targets="kernel")).infer_layouts(params, x)
             {'kernel': 'ioo'}
         """
-        seen = trace(
-            self.model,
-            params,
-            args,
-            kwargs,
-            self._variables(variables),
-            rngs,
-            method,
-            self.config,
-            self._custom(),
-        ).seen
+        seen = self._trace(params, args, kwargs, variables, rngs, method).seen
         out = {}
         for path, leaf in leaves_with_paths(params):
             owner, _, name = path.rpartition("/")
@@ -232,17 +224,7 @@ class LoraModel:
             >>> f.a.shape, f.b.shape
             ((3, 3, 2, 2), (2, 6))
         """
-        run = trace(
-            self.model,
-            params,
-            args,
-            kwargs,
-            self._variables(variables),
-            rngs,
-            method,
-            self.config,
-            self._custom(),
-        )
+        run = self._trace(params, args, kwargs, variables, rngs, method)
         config, seen = self.config, run.seen
         leaves = leaves_with_paths(params)
         check_patterns([p for p, _ in leaves], config)
@@ -270,21 +252,7 @@ class LoraModel:
                 continue
             chosen.append(path)
             layouts.append((re.escape(path), module.layout.spec(len(leaf.shape))))
-        if skipped:
-            warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=2)
-        if not chosen:
-            raise TargetError(
-                f"targets {list(config.targets)} select no weight jlora.linen can adapt in this "
-                f"model (skipped: {sorted(skipped) or 'none'}); check the targets"
-            )
-        # The paths chosen here, exactly: rank/alpha patterns and the rest apply as given.
-        exact = dataclasses.replace(
-            config,
-            targets=tuple(re.escape(p) for p in chosen),
-            exclude=(),
-            strict=True,
-            layouts=(*layouts, *config.layouts),
-        )
+        exact = exact_config(config, chosen, layouts, skipped, "jlora.linen")
         return init(key, params, exact)
 
     def summary(
@@ -322,17 +290,7 @@ class LoraModel:
             kernel  nn.Dense  (6, 4)           2      8      20
             trainable params: 20 of 28 in the base (71.43%)
         """
-        seen = trace(
-            self.model,
-            params,
-            args,
-            kwargs,
-            self._variables(variables),
-            rngs,
-            method,
-            self.config,
-            self._custom(),
-        ).seen
+        seen = self._trace(params, args, kwargs, variables, rngs, method).seen
         kinds = {
             join(owner, module.kind.param): module.kind_name
             for owner, module in seen.items()

@@ -49,9 +49,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -60,7 +58,7 @@ from flax import nnx
 
 from ._config import LoraConfig
 from ._custom import CustomLayer, check_layers
-from ._errors import MissingRngError, SkippedTargetsWarning, TargetError, skipped_message
+from ._errors import MissingRngError, TargetError
 from ._extras import check_trainable_paths
 from ._factors import init
 from ._layout import Layout
@@ -82,7 +80,7 @@ from ._nnx_kinds import SUPPORTED, custom_kind, kind_of
 from ._paths import nest
 from ._summary import AdapterSummary
 from ._summary import summary as summarise
-from ._targets import check_patterns
+from ._targets import check_patterns, exact_config
 
 __all__ = [
     "TRAINABLE",
@@ -289,24 +287,10 @@ def lora(
             skipped[path] = str(e)
             continue
         layouts.append((re.escape(path), layout))
-    if skipped:
-        warnings.warn(skipped_message(skipped), SkippedTargetsWarning, stacklevel=2)
-    if not plan:
-        raise TargetError(
-            f"targets {list(config.targets)} select no weight jlora.nnx can adapt in this model "
-            f"(skipped: {sorted(skipped) or 'none'}); check the targets"
-        )
     extras = _extras(flat, config, set(plan))
     # Exactly the weights planned here. The extras are the model's own Params, trained in place:
     # init copies none.
-    config = dataclasses.replace(
-        config,
-        targets=tuple(re.escape(p) for p in plan),
-        exclude=(),
-        strict=True,
-        layouts=(*layouts, *config.layouts),
-        trainable=(),
-    )
+    config = exact_config(config, list(plan), layouts, skipped, "jlora.nnx", trainable=())
     params = nest({join(parts): jax.ShapeDtypeStruct(var.shape, var.dtype) for parts, var in flat})
     adapters = factors_by_path(init(rngs.params(), params, config))
     for path, factors in adapters.items():
