@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from ._config import LoraConfig
 from ._extras import copy_extras, select_extras
 from ._layout import Layout
-from ._paths import nest
+from ._paths import is_box, nest, path_to_str, unbox
 from ._targets import Target, select
 
 
@@ -131,6 +131,50 @@ def draw(
     return nest(out)
 
 
+RANK_AXIS = "lora_rank"  # the logical name of the rank axis of factors derived from boxed weights
+
+
+def _boxes(params: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
+    return {path_to_str(p): x for p, x in flat if is_box(x)}
+
+
+def box_like(f: LoraFactors, box: Any) -> LoraFactors:
+    """``f`` with each factor boxed like the weight's ``box``, axis names derived by role.
+
+    ``a`` gets the weight's stack and fan-in names plus the rank axis, ``b`` the rank axis plus
+    the stack and fan-out names. The rank axis is :data:`RANK_AXIS` for logical names
+    (``nn.LogicallyPartitioned``: map it in ``logical_axis_rules``; unmapped it is replicated)
+    and ``None`` for mesh-axis names (``nn.Partitioned``).
+    """
+    names = getattr(box, "names", None)
+    if names is None or not hasattr(box, "replace"):
+        return f
+    ndim = len(unbox(box).shape)
+    names = (*tuple(names), *(None,) * (ndim - len(names)))
+    stack, fan_in, fan_out = f.layout.split(names)
+    rank = RANK_AXIS if hasattr(box, "rules") else None
+    a = box.replace_boxed(f.a).replace(names=(*stack, *fan_in, rank))
+    b = box.replace_boxed(f.b).replace(names=(*stack, rank, *fan_out))
+    return LoraFactors(a, b, f.scale, f.layout)
+
+
+def with_boxes(adapters: dict[str, Any], params: Any) -> dict[str, Any]:
+    """``adapters`` with the factors of boxed weights boxed like them (see :func:`box_like`)."""
+    boxes = _boxes(params)
+    if not boxes:
+        return adapters
+    flat = {p: box_like(f, boxes[p]) if p in boxes else f for p, f in _flat_factors(adapters)}
+    return nest(flat)
+
+
+def _flat_factors(adapters: dict[str, Any]) -> list[tuple[str, LoraFactors]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        adapters, is_leaf=lambda x: isinstance(x, LoraFactors)
+    )
+    return [(path_to_str(p), f) for p, f in flat]
+
+
 def with_extras(adapters: dict[str, Any], params: Any, config: LoraConfig) -> dict[str, Any]:
     """``adapters`` plus a :class:`jlora.Trainable` copy of each leaf ``config.trainable`` selects."""
     extras = copy_extras(select_extras(params, config))
@@ -183,7 +227,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
         'Trainable'
     """
     targets = select(params, config)
-    return with_extras(draw(key, targets, config), params, config)
+    return with_extras(with_boxes(draw(key, targets, config), params), params, config)
 
 
 def init_function(params: Any, config: LoraConfig) -> Callable[[jax.Array], dict[str, Any]]:

@@ -38,6 +38,7 @@ from ._linen_layers import (
     owns_call,
 )
 from ._merge import check_fit
+from ._paths import unbox
 
 SUFFIX = "@lora"
 
@@ -239,7 +240,7 @@ def inject(
             check_extra_fit(path, node[name], factors)
             node[name] = factors.value
             continue
-        check_fit(path, node[name], factors)
+        check_fit(path, unbox(node[name]), factors)
         node[name + SUFFIX] = factors
     return root
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from ._errors import AdapterMismatchError
 from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
-from ._paths import leaves_with_paths, nest, path_to_str
+from ._paths import is_box, leaves_with_paths, nest, path_to_str, unbox
 
 
 def _is_factors(x: Any) -> bool:
@@ -37,7 +37,7 @@ def adapter_tables(adapters: Any) -> tuple[dict[str, LoraFactors], dict[str, Tra
     factors, extras = {}, {}
     for path, leaf in leaves_with_paths(adapters, is_leaf=_is_node):
         if isinstance(leaf, LoraFactors):
-            factors[path] = leaf
+            factors[path] = unboxed(leaf)
         elif isinstance(leaf, Trainable):
             extras[path] = leaf
         else:
@@ -47,6 +47,14 @@ def adapter_tables(adapters: Any) -> tuple[dict[str, LoraFactors], dict[str, Tra
                 "checkpoint). A fully trained leaf goes in LoraConfig.trainable"
             )
     return factors, extras
+
+
+def unboxed(f: LoraFactors) -> LoraFactors:
+    """``f`` with plain arrays for factors that come boxed with logical axes (Linen models with
+    ``nn.with_logical_partitioning``); every computation takes the plain form."""
+    if not (is_box(f.a) or is_box(f.b)):
+        return f
+    return LoraFactors(unbox(f.a), unbox(f.b), f.scale, f.layout)
 
 
 def factors_by_path(adapters: Any) -> dict[str, LoraFactors]:
@@ -116,6 +124,8 @@ def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
     seen = set()
 
     def leaf(path, w):
+        if is_box(w):  # merge the weight inside, keep its sharding annotation
+            return w.replace_boxed(leaf(path, unbox(w)))
         key = path_to_str(path)
         factors = table.get(key)
         if factors is None:
@@ -131,7 +141,7 @@ def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
         check_fit(key, w, factors)
         return _combine(w, factors, subtract)
 
-    out = jax.tree_util.tree_map_with_path(leaf, params)
+    out = jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_box)
     missing = [p for p in [*table, *extras] if p not in seen]
     if missing:
         what = "factors" if missing[0] in table else "a trainable extra"

@@ -28,10 +28,40 @@ def path_to_str(path: Iterable[Any]) -> str:
     return "/".join(key_to_str(k) for k in path)
 
 
+def is_box(x: Any) -> bool:
+    """Whether ``x`` is a Flax metadata box (``nn.Partitioned``, ``nn.LogicallyPartitioned``, any
+    ``flax.core.meta.AxisMetadata``): a leaf wrapped with its sharding annotation. Duck-typed, so
+    the functional core needs no Flax."""
+    return (
+        not isinstance(x, type)
+        and callable(getattr(x, "unbox", None))
+        and callable(getattr(x, "replace_boxed", None))
+    )
+
+
+def unbox(x: Any) -> Any:
+    """The value inside a metadata box (no sharding constraint applied), else ``x`` itself."""
+    if not is_box(x):
+        return x
+    return x.value if hasattr(x, "value") else x.unbox(apply_constraint=False)
+
+
 def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[PathLeaf]:
-    """``[(path, leaf), ...]`` in tree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(path_to_str(p), leaf) for p, leaf in flat]
+    """``[(path, leaf), ...]`` in tree order.
+
+    A metadata box counts as the leaf it wraps: its path is the weight's (``dense/kernel``, not
+    ``dense/kernel/value``) and the value is unboxed, so targets, layouts and fingerprints see
+    boxed and plain trees alike. (A box ``is_leaf`` accepts is returned as it is.)
+    """
+
+    def stop(x: Any) -> bool:
+        return is_box(x) or (is_leaf is not None and is_leaf(x))
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)
+    return [
+        (path_to_str(p), leaf if is_leaf is not None and is_leaf(leaf) else unbox(leaf))
+        for p, leaf in flat
+    ]
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -29,12 +29,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError
 from ._extras import Trainable
-from ._factors import LoraFactors, draw, with_extras
+from ._factors import RANK_AXIS, LoraFactors, draw, with_extras
 from ._merge import adapter_tables, factors_by_path
 from ._paths import leaves_with_paths, nest
 from ._targets import select
 
-__all__ = ["check_factor_shardings", "factor_shardings", "factor_specs", "init"]
+__all__ = ["RANK_AXIS", "check_factor_shardings", "factor_shardings", "factor_specs", "init"]
 
 
 def _is_spec(x: Any) -> bool:

@@ -49,7 +49,7 @@ SUBMODULES = {
         "dropout",
         "lookup_branch",
     ],
-    "sharding": ["check_factor_shardings", "factor_shardings", "factor_specs", "init"],
+    "sharding": ["RANK_AXIS", "check_factor_shardings", "factor_shardings", "factor_specs", "init"],
     "analysis": [
         "UpdateProjection",
         "adapter_tuning_param_count",
