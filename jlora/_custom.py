@@ -8,7 +8,13 @@ treat it like a built-in layer, its subclasses included:
     >>> import jlora
     >>> conv1d = jlora.CustomLayer(param="kernel", layout="oi")  # GPT-2's (out, in) kernel
 
-passed as ``jlora.linen.lora(model, config, layers={FlaxConv1D: conv1d})`` or
+An einsum layer that takes its equation at call time or holds it (Google's Gemma:
+``Einsum.__call__(self, eqn, x)``) is declared by where the equation and the input are; its layout
+then comes from the equation, as for Flax's own einsum layers:
+
+    >>> gemma_einsum = jlora.CustomLayer(param="w", equation=0, input=1)
+
+Either is passed as ``jlora.linen.lora(model, config, layers={FlaxConv1D: conv1d})`` or
 ``jlora.nnx.lora(model, config, rngs=..., layers={MyLinear: ...})``. The mapping is an argument,
 not a global registry, so two models in one process never see each other's declarations.
 """
@@ -51,6 +57,12 @@ class CustomLayer:
         term: ``(module, x, factors) -> array``, the term for input ``x`` (after LoRA dropout) and
             one layer's factors ``a: (*fan_in, r)``, ``b: (r, *fan_out)``. The default contracts
             ``x``'s trailing axes with ``a``: :func:`jlora.ops.dense_branch`.
+        input: which call argument is the layer's input: a position or a keyword name.
+        equation: for an einsum layer, where its equation ``'<input>,<kernel>-><output>'`` is: a
+            call argument (position or keyword name) or, for a name the call does not pass, the
+            module attribute holding it (NNX adapts without calling a layer, so there it must be
+            an attribute). The layout then comes from the equation (``LoraConfig.layouts`` may
+            choose other roles, as for ``nn.Einsum``) and the term is the einsum's factored form.
 
     Raises:
         ConfigError: a field is invalid.
@@ -67,6 +79,8 @@ class CustomLayer:
     layout: str = "io"
     methods: tuple[str, ...] = ("__call__",)
     term: Term | None = None
+    input: int | str = 0
+    equation: int | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.param, str) or not self.param:
@@ -86,6 +100,21 @@ class CustomLayer:
                 f"CustomLayer.methods: {self.methods!r}; expected method names, e.g. ('__call__',)"
             )
         object.__setattr__(self, "methods", methods)
+        for name in ("input", "equation"):
+            value = getattr(self, name)
+            if value is None and name == "equation":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+                raise ConfigError(
+                    f"CustomLayer.{name}: {value!r}; expected a call argument's position (int) or "
+                    "name (str)"
+                )
+        if self.equation is not None and (self.term is not None or self.layout != "io"):
+            raise ConfigError(
+                "CustomLayer: an einsum layer (equation=...) takes its layout from the equation "
+                "and its term from the einsum; leave layout and term unset (choose other roles "
+                "with LoraConfig.layouts)"
+            )
         if self.term is not None and not callable(self.term):
             raise ConfigError(
                 f"CustomLayer.term: {self.term!r} is not callable; expected "
@@ -123,3 +152,24 @@ def check_layers(where: str, layers: Any) -> dict[type, CustomLayer]:
                 "jlora.CustomLayer(param=..., layout=...)"
             )
     return dict(layers)
+
+
+def call_argument(where: int | str, args: tuple, kwargs: dict, what: str) -> Any:
+    """The call argument at position or keyword ``where``; raises KeyError naming ``what``."""
+    if isinstance(where, int):
+        if where < len(args):
+            return args[where]
+    elif where in kwargs:
+        return kwargs[where]
+    raise KeyError(
+        f"the layer was called with {len(args)} positional argument(s) and keywords "
+        f"{sorted(kwargs)}, but its CustomLayer declares the {what} at {where!r}"
+    )
+
+
+def equation_of(layer: CustomLayer, module: Any, args: tuple, kwargs: dict) -> str:
+    """The einsum equation of a declared einsum layer, from the call or the module."""
+    where = layer.equation
+    if isinstance(where, str) and where not in kwargs and hasattr(module, where):
+        return getattr(module, where)
+    return call_argument(where, args, kwargs, "equation")

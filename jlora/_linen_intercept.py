@@ -16,6 +16,7 @@ abstractly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ from ._merge import check_fit
 from ._paths import unbox
 
 SUFFIX = "@lora"
+_TRACES = itertools.count()
 
 
 def join(owner: str, name: str) -> str:
@@ -304,5 +306,8 @@ def trace(
         )
         return out
 
+    # A collection no other trace has: Flax's nn.jit caches a traced method by its inputs'
+    # structure and would skip the Python body (and with it the recorder) on a second trace.
+    variables = {**variables, f"jlora_trace_{next(_TRACES)}": {"nonce": np.zeros((), np.int8)}}
     jax.eval_shape(run, params, variables, [flat[i] for i in arrays])
     return Trace(recorder.seen, heads)

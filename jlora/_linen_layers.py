@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _einsum, ops
-from ._custom import CustomLayer
+from ._custom import CustomLayer, call_argument, equation_of
 from ._factors import LoraFactors
 from ._layout import Layout
 
@@ -269,26 +269,52 @@ _KINDS: tuple[tuple[type, LayerKind], ...] = (
 _KINDS = tuple((cls, dataclasses.replace(kind, cls=cls)) for cls, kind in _KINDS)
 
 
-def _first_input(args: tuple, kwargs: dict) -> Any:
-    if args:
-        return args[0]
-    if kwargs:
-        return next(iter(kwargs.values()))
-    raise Unsupported("the layer was called without an input argument")
-
-
 def custom_kind(cls: type, layer: CustomLayer) -> LayerKind:
     """The :class:`LayerKind` of a layer declared with :class:`jlora.CustomLayer`."""
 
+    def argument(where, args, kwargs, what):
+        try:
+            return call_argument(where, args, kwargs, what)
+        except KeyError as e:
+            raise Unsupported(e.args[0]) from None
+
+    def equation(module, args, kwargs) -> _einsum.Equation:
+        try:
+            text = equation_of(layer, module, args, kwargs)
+            return _einsum.parse(text)
+        except KeyError as e:
+            raise Unsupported(e.args[0]) from None
+        except _einsum.EinsumUnsupported as e:
+            raise Unsupported(f"{e}. Exclude this path") from None
+
     def layout(module, method, args, kwargs) -> Layout:
-        return layer.parsed_layout
+        if layer.equation is None:
+            return layer.parsed_layout
+        return equation(module, args, kwargs).layout
+
+    def choose(module, method, args, kwargs, chosen: Layout) -> Layout:
+        try:
+            return _einsum.layout_for(equation(module, args, kwargs), chosen)
+        except _einsum.EinsumUnsupported as e:
+            raise Unsupported(str(e)) from None
 
     def term(module, method, args, kwargs, factors, rate, rng):
-        x = ops.dropout(_first_input(args, kwargs), rate, rng)
-        return layer.compute(module, x, factors)
+        x = ops.dropout(argument(layer.input, args, kwargs, "input"), rate, rng)
+        if layer.equation is None:
+            return layer.compute(module, x, factors)
+        eq = equation(module, args, kwargs)
+        return _einsum.term(eq, factors.layout, x, factors.a, factors.b, factors.scale)
 
     name = f"{cls.__module__}.{cls.__qualname__}"
-    return LayerKind(name, layer.param, layer.methods, layout, term, cls=cls)
+    return LayerKind(
+        name,
+        layer.param,
+        layer.methods,
+        layout,
+        term,
+        choose=None if layer.equation is None else choose,
+        cls=cls,
+    )
 
 
 def kind_of(module: nn.Module, custom: tuple[tuple[type, LayerKind], ...] = ()) -> LayerKind | None:

@@ -243,3 +243,114 @@ def test_a_wrapper_holding_a_linen_module_names_its_module():
         r"module; pass its .module",
     ):
         jlora.linen.lora(PretrainedWrapper(), LoraConfig(targets="kernel"))
+
+
+class JittedModel(nn.Module):
+    """Its __call__ is wrapped in nn.jit (as Google's gemma package does)."""
+
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="dense")(x)
+
+
+def test_layers_inside_nn_jit_are_seen_on_every_trace():
+    model, x = JittedModel(), jnp.ones((1, IN))
+    params = {"dense": {"kernel": jnp.ones((IN, 3)), "bias": jnp.zeros(3)}}
+    adapted = jlora.linen.lora(model, LoraConfig(targets=".*dense/kernel", rank=1))
+    for _ in range(2):  # nn.jit caches the first trace; the second must still see the layers
+        adapters = adapted.init_adapters(jax.random.key(0), params, x)
+    assert adapted.infer_layouts(params, x) == {"dense/kernel": "io"}
+    adapters = _randomise(adapters, 10)
+    f = adapters["dense"]["kernel"]
+    want = np.ones((1, IN)) @ (np.ones((IN, 3)) + f.scale * np.asarray(f.a, np.float64) @ f.b)
+    for _ in range(2):
+        got = adapted.apply(params, adapters, x)
+        np.testing.assert_allclose(got, want, rtol=0, atol=32 * EPS * np.abs(want).max())
+
+
+class GemmaStyleEinsum(nn.Module):
+    """Google's gemma package's Linen einsum: the equation is a call argument, before the input."""
+
+    shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, eqn, x):
+        return jnp.einsum(eqn, x, self.param("w", nn.initializers.normal(), self.shape))
+
+
+class GemmaStyleAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q = GemmaStyleEinsum((4, IN, 3), name="q")("BTD,NDH->BTNH", x)
+        return GemmaStyleEinsum((4, 3, OUT), name="o")("BTNH,NHD->BTD", q)
+
+
+def _einsum_reference(x, wq, wo):
+    q = np.einsum("BTD,NDH->BTNH", np.asarray(x, np.float64), wq)
+    out = np.einsum("BTNH,NHD->BTD", q, wo)
+    mags = np.einsum("BTNH,NHD->BTD", np.einsum("BTD,NDH->BTNH", np.abs(x), np.abs(wq)), np.abs(wo))
+    return out, 32 * EPS * mags.max()
+
+
+def test_linen_einsum_layer_declared_by_where_its_equation_is():
+    model = GemmaStyleAttention()
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(2, 3, IN)), jnp.float32)
+    params = {
+        "q": {"w": jnp.asarray(0.3 * rng.normal(size=(4, IN, 3)), jnp.float32)},
+        "o": {"w": jnp.asarray(0.3 * rng.normal(size=(4, 3, OUT)), jnp.float32)},
+    }
+    layers = {GemmaStyleEinsum: CustomLayer(param="w", equation=0, input=1)}
+    adapted = jlora.linen.lora(model, LoraConfig(targets=".*/w", rank=2), layers=layers)
+    assert adapted.infer_layouts(params, x) == {"q/w": "oio", "o/w": "iio"}
+    adapters = _randomise(adapted.init_adapters(jax.random.key(0), params, x), 12)
+    d = jax.tree.map(lambda v: np.asarray(v, np.float64), jlora.delta(adapters))
+    want, tol = _einsum_reference(
+        x,
+        np.asarray(params["q"]["w"], np.float64) + d["q"]["w"],
+        np.asarray(params["o"]["w"], np.float64) + d["o"]["w"],
+    )
+    np.testing.assert_allclose(jax.jit(adapted.apply)(params, adapters, x), want, rtol=0, atol=tol)
+    with pytest.raises(ConfigError, match=r"an einsum layer \(equation=...\) takes its layout"):
+        CustomLayer(param="w", equation=0, layout="oio")
+
+
+class NnxHeldEinsum(nnx.Module):
+    def __init__(self, einsum_str: str, shape: tuple[int, ...]):
+        self.einsum_str = einsum_str
+        self.w = nnx.Param(jnp.zeros(shape))
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+class NnxHeldAttention(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.q = NnxHeldEinsum("BTD,NDH->BTNH", (4, IN, 3))
+        self.o = NnxHeldEinsum("BTNH,NHD->BTD", (4, 3, OUT))
+
+    def __call__(self, x):
+        return self.o(self.q(x))
+
+
+def test_nnx_einsum_layer_holding_its_equation():
+    model = materialise(NnxHeldAttention, seed=13)
+    x = jnp.asarray(np.random.default_rng(14).normal(size=(2, 3, IN)), jnp.float32)
+    held = {NnxHeldEinsum: CustomLayer(param="w", equation="einsum_str")}
+    jlora.nnx.lora(model, LoraConfig(targets=".*/w", rank=2), rngs=0, layers=held)
+    assert model.q.lora_a.shape == (IN, 2) and model.q.lora_b.shape == (2, 4, 3)
+    adapters = _randomise(jlora.nnx.to_adapters(model), 15)
+    jlora.nnx.set_adapters(model, adapters)
+    d = jax.tree.map(lambda v: np.asarray(v, np.float64), jlora.delta(adapters))
+    want, tol = _einsum_reference(
+        x,
+        np.asarray(model.q.w[...], np.float64) + d["q"]["w"],
+        np.asarray(model.o.w[...], np.float64) + d["o"]["w"],
+    )
+    np.testing.assert_allclose(model(x), want, rtol=0, atol=tol)
+    by_call = {NnxHeldEinsum: CustomLayer(param="w", equation=0)}
+    with pytest.raises(TargetError, match=r"o: .* the equation must be a string attribute"):
+        jlora.nnx.lora(
+            materialise(NnxHeldAttention), LoraConfig(targets=".*/w"), rngs=0, layers=by_call
+        )
