@@ -50,7 +50,8 @@ class CustomLayer:
 
     Attributes:
         param: the name of the weight the layer reads (``self.param(...)`` in Linen, the
-            attribute in NNX).
+            attribute in NNX). Module-name targets select ``kernel`` and ``embedding`` leaves
+            only; target another name with a regex (``".*q/w"``).
         layout: the weight's layout string (:class:`jlora.Layout`), e.g. ``"oi"`` for a kernel
             stored ``(out, in)``. Extra leading axes (stacked layers) are stack axes.
         methods: the methods whose output gets the term.
