@@ -2,7 +2,9 @@
 
 ``merge`` folds an adapter checkpoint (from ``jlora.checkpoint.save``) into a base model's orbax
 checkpoint and writes a new one, leaf group by leaf group, with a progress bar and a summary (see
-:func:`jlora.checkpoint.merge_checkpoint`).
+:func:`jlora.checkpoint.merge_checkpoint`). ``recover --out DIR`` repairs the output of a killed
+merge and deletes its leftovers (see :func:`jlora.checkpoint.recover_merge`); ``merge`` does this
+itself first.
 """
 
 from __future__ import annotations
@@ -13,7 +15,19 @@ import ctypes.util
 import sys
 from collections.abc import Sequence
 
-from ._ckpt_merge import DEFAULT_GROUP_BYTES, merge_checkpoint
+from ._ckpt_merge import DEFAULT_GROUP_BYTES, merge_checkpoint, recover_merge
+
+
+def _positive_mib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive number of MiB (e.g. 128, or 0.5)"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,16 +51,41 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace OUT if it exists (once the new one is done)",
+        help="replace OUT if it exists (once the new one is done); only an orbax PyTree "
+        "checkpoint or an empty directory is replaced",
+    )
+    merge.add_argument(
+        "--force-replace-non-checkpoint",
+        action="store_true",
+        help="with --overwrite, replace OUT even if it is not a checkpoint (a file, or a "
+        "directory of other files)",
     )
     merge.add_argument("--adapter-step", type=int, default=None, help="use this adapter step")
     merge.add_argument(
         "--group-mib",
-        type=float,
+        type=_positive_mib,
         default=DEFAULT_GROUP_BYTES / 2**20,
         help="MiB of base leaves read and written together (default %(default)g)",
     )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--no-check-finite",
+        action="store_true",
+        help="write merged weights even if they hold NaN/Inf where the base is finite",
+    )
+    merge.add_argument(
+        "--no-base-digest",
+        action="store_true",
+        help="check the base against the adapters' saved fingerprint by shape only, not content",
+    )
+    recover = commands.add_parser(
+        "recover",
+        help="repair the output of a killed merge and delete its leftovers",
+        description="Puts OUT back in place after a merge killed while replacing it (the new "
+        "checkpoint if it was complete, else the old one) and deletes the scratch directories "
+        "of merges into OUT that are no longer running. merge does this itself first.",
+    )
+    recover.add_argument("--out", required=True, help="the output directory of the merge")
     return parser
 
 
@@ -83,19 +122,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         1
     """
     args = _parser().parse_args(argv)
-    _release_freed_buffers_at_once()
     try:
+        if args.command == "recover":
+            actions = recover_merge(args.out)
+            print("\n".join(actions) if actions else f"nothing to recover for {args.out}")
+            return 0
+        _release_freed_buffers_at_once()
         summary = merge_checkpoint(
             args.base,
             args.adapter,
             args.out,
             overwrite=args.overwrite,
+            force=args.force_replace_non_checkpoint,
             adapter_step=args.adapter_step,
             group_bytes=max(1, int(args.group_mib * 2**20)),
             progress=not args.quiet,
+            check_finite=not args.no_check_finite,
+            base_digest=not args.no_base_digest,
         )
     except (OSError, ValueError, TypeError) as e:  # AdapterMismatchError is a ValueError
-        print(f"jlora merge: error: {e}", file=sys.stderr)
+        print(f"jlora {args.command}: error: {e}", file=sys.stderr)
         return 1
     print(summary)
     return 0

@@ -6,7 +6,9 @@ An adapter checkpoint holds two orbax items: ``adapters``, the arrays as a neste
     {"format": "jlora.adapters", "version": 1,
      "config": LoraConfig.to_dict(),
      "adapters": {path: {"layout": {...}, "a": {"shape", "dtype"}, "b": {"shape", "dtype"}}},
-     "base": [[path, shape, dtype], ...] or null}
+     "base": [[path, shape, dtype], ...] or null,
+     "digests": {path: {"a": sha256, "b": sha256} or {"value": sha256}},
+     "base_digests": {path: sha256} (when the base's values were given)}
 
 Adapters with trainable extras (:class:`jlora.Trainable`) are saved as version 2, which adds
 ``"trainable": {path: {"shape", "dtype"}}``; each extra's array sits in the arrays item at its own
@@ -14,9 +16,14 @@ path. Version 2 is written only when there are extras, so every other checkpoint
 jlora versions that know version 1 alone, and those refuse (rather than silently drop) extras.
 
 Scales are not stored: they follow from the config (``config.scale_for(path)``), which ``save``
-checks. The base fingerprint lists every leaf of at least one axis (the weights; scalars such as a
-step counter are left out) so that adapters restored onto another model fail with the first
-differing path rather than a shape error deep inside XLA.
+checks. The base fingerprint and its digests are described in ``_ckpt_base``. ``digests`` holds a
+SHA-256 of each saved array (orbax checksums its index, not the array data), which ``restore``
+verifies; ``digests`` and ``base_digests`` are optional keys, so jlora versions that predate them
+read these checkpoints, and checkpoints without them restore unverified.
+
+:func:`parse` validates a record completely (types, shapes against layouts, floating-point
+dtypes) before anything is read with it, so a damaged or hand-edited record fails with its file
+named rather than restoring cast or misshapen factors.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from . import _ckpt_base, _digest
+from ._ckpt_base import Fingerprint, dtype_name
 from ._config import LoraConfig
-from ._errors import AdapterMismatchError
+from ._errors import AdapterMismatchError, DamagedCheckpointError
 from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
 from ._layout import Layout
@@ -39,8 +49,6 @@ from ._paths import leaves_with_paths
 FORMAT = "jlora.adapters"
 VERSION = 1
 VERSION_EXTRAS = 2
-
-Fingerprint = list[tuple[str, tuple[int, ...], str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,46 +77,6 @@ def _layout_record(layout: Layout) -> dict[str, Any]:
     if not record["order"]:
         del record["order"]
     return record
-
-
-def dtype_name(dtype: Any) -> str:
-    """A dtype as the string ``np.dtype`` reads back (``"bfloat16"`` included, via ml_dtypes)."""
-    return np.dtype(dtype).name
-
-
-def fingerprint(base: Any) -> Fingerprint:
-    """``[(path, shape, dtype), ...]`` of every leaf of ``base`` with at least one axis, in order.
-
-    Leaves may be arrays, ``jax.ShapeDtypeStruct`` or orbax array metadata.
-    """
-    out = []
-    for path, leaf in leaves_with_paths(base):
-        shape = getattr(leaf, "shape", None)
-        dtype = getattr(leaf, "dtype", None)
-        if shape is None or dtype is None or len(shape) == 0:
-            continue
-        out.append((path, tuple(int(n) for n in shape), dtype_name(dtype)))
-    return out
-
-
-def _describe(entry: tuple[tuple[int, ...], str] | None) -> str:
-    return "no such leaf" if entry is None else f"shape {entry[0]} {entry[1]}"
-
-
-def check_fingerprint(saved: Fingerprint, base: Any) -> None:
-    """Raises :class:`AdapterMismatchError` at the first path where ``base`` differs from ``saved``."""
-    found = {path: (shape, dtype) for path, shape, dtype in fingerprint(base)}
-    expected = {path: (tuple(shape), dtype) for path, shape, dtype in saved}
-    order = [p for p, _, _ in saved] + [p for p in found if p not in expected]
-    differing = [p for p in order if found.get(p) != expected.get(p)]
-    if differing:
-        path = differing[0]
-        raise AdapterMismatchError(
-            f"{path}: the base given has {_describe(found.get(path))} but the adapters were saved "
-            f"for a base with {_describe(expected.get(path))} ({len(differing)} differing paths). "
-            "Were these adapters made for another model? Restore them with the base they were "
-            "trained on, or without base= to skip this check"
-        )
 
 
 def check_adapters(
@@ -191,8 +159,15 @@ def record(
     config: LoraConfig,
     base: Any | None,
     extras: Mapping[str, Trainable] | None = None,
+    base_digest: bool = True,
 ) -> dict:
     """The JSON record for validated adapters (version 2 when there are trainable extras)."""
+    digests: dict[str, dict[str, str]] = {
+        path: {"a": _digest.array_digest(f.a), "b": _digest.array_digest(f.b)}
+        for path, f in table.items()
+    }
+    for path, e in (extras or {}).items():
+        digests[path] = {"value": _digest.array_digest(e.value)}
     out = {
         "format": FORMAT,
         "version": VERSION_EXTRAS if extras else VERSION,
@@ -205,8 +180,13 @@ def record(
             }
             for path, f in table.items()
         },
-        "base": None if base is None else [list(entry) for entry in fingerprint(base)],
+        "base": None if base is None else [list(e) for e in _ckpt_base.fingerprint(base)],
+        "digests": digests,
     }
+    if base is not None and base_digest:
+        saved = _ckpt_base.digests(base)
+        if saved is not None:
+            out["base_digests"] = saved
     if extras:
         out["trainable"] = {
             path: {"shape": list(e.value.shape), "dtype": dtype_name(e.value.dtype)}
@@ -215,10 +195,122 @@ def record(
     return out
 
 
-def parse(
-    data: Any, where: str
-) -> tuple[LoraConfig, dict[str, AdapterRecord], dict[str, ExtraRecord], Fingerprint | None]:
-    """Reads a JSON record back: the config, each adapter's and extra's record, the fingerprint."""
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """A parsed, validated JSON record (see the module docstring)."""
+
+    config: LoraConfig
+    adapters: dict[str, AdapterRecord]
+    extras: dict[str, ExtraRecord]
+    base: Fingerprint | None
+    digests: dict[str, dict[str, str]]
+    base_digests: dict[str, str] | None
+
+
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value
+    ):
+        raise ValueError(f"{what} shape {value!r} is not a list of integers >= 0")
+    return tuple(value)
+
+
+def _float_dtype(value: Any, what: str) -> str:
+    try:
+        dtype = np.dtype(value) if isinstance(value, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{what} dtype {value!r} is not a floating-point dtype (factors and trained leaves "
+            "are float32, bfloat16, ...; restoring would cast them)"
+        )
+    return dtype.name
+
+
+def _layout(entry: Any, what: str) -> Layout:
+    if not isinstance(entry, Mapping) or set(entry) - {
+        "fan_in_ndim",
+        "fan_out_ndim",
+        "embedding",
+        "order",
+    }:
+        raise ValueError(f"{what} layout {entry!r} is not a layout record")
+    fan_in, fan_out = entry.get("fan_in_ndim"), entry.get("fan_out_ndim")
+    embedding, order = entry.get("embedding", False), entry.get("order", "")
+    if not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (fan_in, fan_out)
+    ):
+        raise ValueError(f"{what} layout {dict(entry)!r} needs fan_in_ndim and fan_out_ndim >= 1")
+    if not isinstance(embedding, bool) or not isinstance(order, str) or (embedding and fan_in != 1):
+        raise ValueError(f"{what} layout {dict(entry)!r} is not a valid layout")
+    return Layout(fan_in, fan_out, embedding, order)
+
+
+def _adapter_record(path: str, entry: Any) -> AdapterRecord:
+    if not isinstance(entry, Mapping) or not all(
+        isinstance(entry.get(k), Mapping) for k in ("a", "b")
+    ):
+        raise ValueError(f"adapter {path!r} has record {entry!r}; expected layout, a and b")
+    layout = _layout(entry.get("layout"), f"adapter {path!r}")
+    a_shape = _shape(entry["a"].get("shape"), f"adapter {path!r} factor a")
+    b_shape = _shape(entry["b"].get("shape"), f"adapter {path!r} factor b")
+    stack = len(a_shape) - 1 - layout.fan_in_ndim
+    if (
+        stack < 0
+        or len(b_shape) != stack + 1 + layout.fan_out_ndim
+        or b_shape[: stack + 1] != (*a_shape[:stack], a_shape[-1])
+        or a_shape[-1] < 1
+    ):
+        raise ValueError(
+            f"adapter {path!r} has factors a {a_shape}, b {b_shape}, which do not fit its layout "
+            f"{layout} (a (*stack, *fan_in, r), b (*stack, r, *fan_out))"
+        )
+    return AdapterRecord(
+        layout=layout,
+        a_shape=a_shape,
+        a_dtype=_float_dtype(entry["a"].get("dtype"), f"adapter {path!r} factor a"),
+        b_shape=b_shape,
+        b_dtype=_float_dtype(entry["b"].get("dtype"), f"adapter {path!r} factor b"),
+    )
+
+
+def _parse_fields(data: Mapping[str, Any]) -> Record:
+    config = LoraConfig.from_dict(data["config"])
+    if not isinstance(data["adapters"], Mapping):
+        raise ValueError(f"'adapters' is {data['adapters']!r}; expected a dict")
+    adapters = {path: _adapter_record(path, e) for path, e in data["adapters"].items()}
+    extras = {}
+    for path, entry in (data.get("trainable") or {}).items():
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"trainable {path!r} has record {entry!r}; expected shape and dtype")
+        extras[path] = ExtraRecord(
+            shape=_shape(entry.get("shape"), f"trainable {path!r}"),
+            dtype=_float_dtype(entry.get("dtype"), f"trainable {path!r}"),
+        )
+    base = data.get("base")
+    saved = None if base is None else [(str(p), tuple(s), str(d)) for p, s, d in base]
+    digests = data.get("digests") or {}
+    base_digests = data.get("base_digests")
+    if not isinstance(digests, Mapping) or not all(
+        isinstance(v, Mapping) and all(isinstance(h, str) for h in v.values())
+        for v in digests.values()
+    ):
+        raise ValueError(f"'digests' is not a dict of {{path: {{name: sha256}}}}: {digests!r}")
+    if base_digests is not None and not (
+        isinstance(base_digests, Mapping) and all(isinstance(h, str) for h in base_digests.values())
+    ):
+        raise ValueError("'base_digests' is not a dict of {path: sha256}")
+    return Record(config, adapters, extras, saved, dict(digests), base_digests)
+
+
+def parse(data: Any, where: str) -> Record:
+    """Reads a JSON record back, validated: config, adapter and extra records, base, digests.
+
+    Raises:
+        ValueError: not a jlora record, or of a newer version.
+        DamagedCheckpointError: the record is malformed (names the file and the entry).
+    """
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise ValueError(
             f"{where}: not a jlora adapter checkpoint (its 'jlora' item has no "
@@ -229,21 +321,11 @@ def parse(
             f"{where}: adapter checkpoint format version {data.get('version')!r} is not supported "
             f"by this jlora (it reads versions {VERSION} and {VERSION_EXTRAS}); upgrade jlora"
         )
-    config = LoraConfig.from_dict(data["config"])
-    adapters = {
-        path: AdapterRecord(
-            layout=Layout(**entry["layout"]),
-            a_shape=tuple(entry["a"]["shape"]),
-            a_dtype=entry["a"]["dtype"],
-            b_shape=tuple(entry["b"]["shape"]),
-            b_dtype=entry["b"]["dtype"],
-        )
-        for path, entry in data["adapters"].items()
-    }
-    extras = {
-        path: ExtraRecord(shape=tuple(entry["shape"]), dtype=entry["dtype"])
-        for path, entry in (data.get("trainable") or {}).items()
-    }
-    base = data.get("base")
-    saved = None if base is None else [(p, tuple(s), d) for p, s, d in base]
-    return config, adapters, extras, saved
+    try:
+        return _parse_fields(data)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise DamagedCheckpointError(
+            f"the checkpoint at {where} is damaged: its record (jlora/metadata) is malformed: "
+            f"{what}. Restore an intact copy, or save the adapters again"
+        ) from None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,7 +35,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ._ckpt_adapters import RECORD, PathLike, restore
+from . import _atomic, _ckpt_base, _digest, _dirs
+from ._ckpt_adapters import RECORD, PathLike, saved_record
+from ._ckpt_restore import restore
+from ._errors import DamagedCheckpointError, NonFiniteError
 from ._merge import adapter_tables, merge
 from ._paths import key_to_str, nest
 
@@ -55,6 +57,7 @@ class MergeSummary:
         nbytes: bytes of array data written.
         seconds: wall-clock time.
         peak_group_bytes: the most bytes of base leaves held in memory at once.
+        recovered: what was repaired before merging (see :func:`recover_merge`).
     """
 
     out: epath.Path
@@ -63,9 +66,10 @@ class MergeSummary:
     nbytes: int
     seconds: float
     peak_group_bytes: int
+    recovered: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return (
+        return "".join(f"{line}\n" for line in self.recovered) + (
             f"merged {self.merged} adapted leaves and copied {self.copied} others "
             f"({_human(self.nbytes)}, at most {_human(self.peak_group_bytes)} of base leaves in "
             f"memory at once) in {self.seconds:.1f} s into {self.out}; load it with "
@@ -95,29 +99,6 @@ class _Leaf:
         )
 
 
-def _resolved(path: PathLike) -> epath.Path:
-    p = epath.Path(path)
-    try:
-        return p.resolve()
-    except (NotImplementedError, OSError):  # remote file systems
-        return p
-
-
-def _check_paths(base: epath.Path, adapter: epath.Path, out: epath.Path, overwrite: bool) -> None:
-    for name, p in (("base", base), ("adapter", adapter)):
-        if out == p or p in out.parents or out in p.parents:
-            raise ValueError(
-                f"out {out} would overwrite the {name} checkpoint {p} (the same directory, or one "
-                "inside the other); merge_checkpoint never writes over its inputs. Choose another "
-                "output directory"
-            )
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"out {out} already exists; pass overwrite=True (--overwrite on the command line) to "
-            "replace it once the new checkpoint is complete"
-        )
-
-
 def _pytree_dir(base: epath.Path) -> epath.Path:
     if not base.is_dir():
         raise FileNotFoundError(f"base {base}: no such directory; expected an orbax checkpoint")
@@ -142,6 +123,8 @@ def _leaves(pytree_dir: epath.Path) -> list[_Leaf]:
     handler = ocp.PyTreeCheckpointHandler()
     try:
         metadata = handler.metadata(pytree_dir)
+    except Exception as e:
+        raise _damaged(pytree_dir, "its metadata (_METADATA) cannot be read", e) from None
     finally:
         handler.close()
     tree = getattr(metadata, "tree", metadata)
@@ -187,10 +170,16 @@ def _read_group(
             args[leaf.path] = ocp.RestoreArgs(restore_type=np.ndarray)
         else:
             item[leaf.path], args[leaf.path] = 0, ocp.RestoreArgs()
-    restored = handler.restore(
-        pytree_dir,
-        args=ocp.args.PyTreeRestore(item=nest(item), restore_args=nest(args), partial_restore=True),
-    )
+    try:
+        restored = handler.restore(
+            pytree_dir,
+            args=ocp.args.PyTreeRestore(
+                item=nest(item), restore_args=nest(args), partial_restore=True
+            ),
+        )
+    except Exception as e:
+        what = f"leaves {group[0].path} .. {group[-1].path} cannot be read"
+        raise _damaged(pytree_dir, what, e) from None
     values = {}
     for leaf in group:
         node = restored
@@ -198,6 +187,25 @@ def _read_group(
             node = node[key]
         values[leaf.path] = node
     return values
+
+
+def _damaged(where: epath.Path, what: str, e: BaseException) -> DamagedCheckpointError:
+    lines = str(e).strip().splitlines()
+    line = lines[0][:200] if lines else ""
+    return DamagedCheckpointError(
+        f"the checkpoint at {where} is damaged: {what} ({type(e).__name__}: {line}). A file is "
+        "missing, truncated or corrupt; use an intact copy of the base checkpoint"
+    )
+
+
+def _write_failed(scratch: epath.Path, out: epath.Path, e: BaseException) -> OSError:
+    lines = str(e).strip().splitlines()
+    line = lines[0][:200] if lines else ""
+    return OSError(
+        f"writing the merged checkpoint failed ({type(e).__name__}: {line}); the partial "
+        f"checkpoint in {scratch} was removed and {out} was not touched. Is the disk full? Free "
+        "space (the merged checkpoint is as large as the base) and merge again"
+    )
 
 
 def _partial_api() -> Any:
@@ -214,6 +222,10 @@ def _partial_api() -> Any:
 
 def _write_group(target: epath.Path, values: dict[str, Any]) -> None:
     _partial_api().save(target, nest(values))
+
+
+def _finalize(target: epath.Path) -> None:
+    _partial_api().finalize(target)
 
 
 def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[int], Any], Callable[[], Any]]:
@@ -234,9 +246,12 @@ def merge_checkpoint(
     out_dir: PathLike,
     *,
     overwrite: bool = False,
+    force: bool = False,
     adapter_step: int | None = None,
     group_bytes: int = DEFAULT_GROUP_BYTES,
     progress: bool = False,
+    check_finite: bool = True,
+    base_digest: bool = True,
 ) -> MergeSummary:
     """Folds an adapter checkpoint into a base checkpoint on disk and writes a new base checkpoint.
 
@@ -244,29 +259,47 @@ def merge_checkpoint(
     of base leaves, or one leaf if it is larger), so host memory stays near the largest leaf, not
     the model. Each adapted leaf is computed by :func:`jlora.merge`, so the output equals the
     in-memory ``jlora.merge(base, adapters)`` bit for bit (a trainable extra's leaf is the extra's
-    saved value); other leaves are copied. The new
-    checkpoint is assembled in a scratch directory next to ``out_dir`` and renamed into place only
-    when complete: a failure leaves ``out_dir`` (and the inputs) as they were.
+    saved value); other leaves are copied.
+
+    The new checkpoint is assembled in a scratch directory next to ``out_dir`` and renamed into
+    place only when complete: a failure leaves ``out_dir`` (and the inputs) as they were, and a
+    kill at any moment is repaired by the next merge into ``out_dir`` (or by
+    :func:`recover_merge`), which also deletes the scratch directories of killed merges. Paths are
+    compared after following symlinks (and by device and inode), so no alias of an input can be
+    the output. ``overwrite`` replaces only an orbax PyTree checkpoint or an empty directory
+    (``force`` lifts that).
 
     Args:
         base_dir: the base model's orbax PyTree checkpoint (see the module docstring).
         adapter_dir: an adapter checkpoint from :func:`jlora.checkpoint.save` (or a root of steps;
             the latest step is used unless ``adapter_step`` is given).
-        out_dir: where to write the merged checkpoint; neither input nor inside one.
+        out_dir: where to write the merged checkpoint; neither input nor inside one (relative
+            paths are taken from the working directory).
         overwrite: replace ``out_dir`` if it exists (only after the new checkpoint is complete).
+        force: with ``overwrite``, replace ``out_dir`` even if it is not a checkpoint jlora could
+            have written (a file, or a directory of other files).
         adapter_step: the step of the adapter checkpoint to use.
         group_bytes: the most bytes of base leaves read and written together.
         progress: show a tqdm progress bar (if tqdm is installed).
+        check_finite: refuse adapters holding NaN/Inf and merged leaves that hold NaN/Inf where
+            the base leaf is finite (a bfloat16 overflow, say), before anything reaches
+            ``out_dir`` (PEFT's ``safe_merge``; cheap next to reading and writing the leaf).
+        base_digest: compare each base leaf with the content digest saved with the adapters
+            (when :func:`jlora.checkpoint.save` was given the base), as it is read; False checks
+            shapes only.
 
     Returns:
         A :class:`MergeSummary`.
 
     Raises:
-        ValueError: ``out_dir`` is or overlaps an input, or ``base_dir`` is not a PyTree
-            checkpoint.
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        AdapterMismatchError: the adapters were saved for another base (fingerprint) or do not
-            fit it.
+        ValueError: ``out_dir`` is, contains or lies inside an input (symlinks followed), or
+            ``base_dir`` is not a PyTree checkpoint.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it is not a checkpoint
+            jlora could have written and ``force`` is False.
+        AdapterMismatchError: the adapters were saved for another base (fingerprint or content
+            digest) or do not fit it.
+        NonFiniteError: ``check_finite`` found NaN/Inf in the adapters or the merged weights.
+        DamagedCheckpointError: a checkpoint's files are missing, truncated or corrupt.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, orbax.checkpoint as ocp, jlora
@@ -283,15 +316,25 @@ def merge_checkpoint(
         (1, 1, 60)
     """
     start = time.perf_counter()
-    base, adapter, out = _resolved(base_dir), _resolved(adapter_dir), _resolved(out_dir)
+    base, adapter = _dirs.absolute(base_dir), _dirs.absolute(adapter_dir)
+    out = _dirs.absolute(out_dir)
     if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 1:
         raise ValueError(f"group_bytes: {group_bytes!r} is invalid; expected an integer >= 1")
-    _check_paths(base, adapter, out, overwrite)
+    _dirs.check_no_overlap(out, {"base": base, "adapter": adapter})
+    recovered = _atomic.recover(out)
+    if _dirs.lexists(out):
+        if not overwrite:
+            raise FileExistsError(
+                f"out {out} already exists; pass overwrite=True (--overwrite on the command line) "
+                "to replace it once the new checkpoint is complete"
+            )
+        _dirs.check_replaceable(out, force)
     pytree_dir = _pytree_dir(base)
     leaves = _leaves(pytree_dir)
     abstract_base = nest({leaf.path: leaf.meta for leaf in leaves if leaf.is_array})
-    adapters, _ = restore(adapter, step=adapter_step, base=abstract_base)
+    adapters, _ = restore(adapter, step=adapter_step, base=abstract_base, check_finite=check_finite)
     table, extras = adapter_tables(adapters)
+    saved_digests = saved_record(adapter, adapter_step).base_digests if base_digest else None
 
     merged = copied = peak = 0
     update, close = _progress_bar(sum(leaf.nbytes for leaf in leaves), progress)
@@ -299,33 +342,44 @@ def merge_checkpoint(
     # Assembled next to `out` (same file system, so the final rename is atomic) and removed on
     # any failure; `out` itself is touched only once the new checkpoint is complete.
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / f".{out.name}.jlora-merge-{uuid.uuid4().hex[:12]}"
-    target = scratch / "merged"
+    scratch = _atomic.Scratch.create(out)
+    target = scratch.path / "merged"
     try:
-        scratch.mkdir()
         for group in _groups(leaves, group_bytes):
             peak = max(peak, sum(leaf.nbytes for leaf in group))
             values = _read_group(handler, pytree_dir, group)
             for leaf in group:
+                value = values[leaf.path]
+                if saved_digests and leaf.path in saved_digests:
+                    if _digest.array_digest(value) != saved_digests[leaf.path]:
+                        raise _ckpt_base.content_mismatch(leaf.path)
                 factors = table.get(leaf.path, extras.get(leaf.path))
                 if factors is None:
                     copied += 1
                 else:
-                    one = merge(nest({leaf.path: values[leaf.path]}), nest({leaf.path: factors}))
+                    one = merge(nest({leaf.path: value}), nest({leaf.path: factors}))
                     values[leaf.path] = np.asarray(jax.tree_util.tree_leaves(one)[0])
+                    if check_finite:
+                        _check_merged(leaf.path, values[leaf.path], value)
                     merged += 1
                 update(leaf.nbytes)
-            _write_group(target, values)
+            try:
+                _write_group(target, values)
+            except Exception as e:
+                raise _write_failed(scratch.path, out, e) from e
             del values
-        _partial_api().finalize(target)
+        try:
+            _finalize(target)
+        except Exception as e:
+            raise _write_failed(scratch.path, out, e) from e
         # The finalized v1 checkpoint holds the PyTree in one subdirectory, a complete PyTree
         # checkpoint of its own: that is the output, so the loaders users already call
         # (ocp.StandardCheckpointer().restore(out), ocp.v1.load_pytree(out)) read it directly.
-        _replace(_only_pytree(target), out, scratch)
+        _atomic.swap(_only_pytree(target), out, scratch)
     finally:
         handler.close()
         close()
-        scratch.rmtree(missing_ok=True)
+        scratch.remove()
     return MergeSummary(
         out=out,
         merged=merged,
@@ -333,7 +387,43 @@ def merge_checkpoint(
         nbytes=sum(leaf.nbytes for leaf in leaves),
         seconds=time.perf_counter() - start,
         peak_group_bytes=peak,
+        recovered=tuple(recovered),
     )
+
+
+def recover_merge(out_dir: PathLike) -> list[str]:
+    """Repairs ``out_dir`` after a killed :func:`merge_checkpoint` and deletes its leftovers.
+
+    A merge killed between the two renames that replace an existing output leaves ``out_dir``
+    missing, with the old and the new checkpoint in a scratch directory
+    ``.<out>.jlora-merge-<pid>-<tag>`` beside it. This puts the new (complete) checkpoint in place,
+    or the old one back when the new one was not complete, and deletes the scratch directories of
+    merges into ``out_dir`` whose process is no longer running. ``merge_checkpoint`` does this
+    itself before each merge; call this (or ``jlora recover --out DIR``) to repair without merging.
+
+    Args:
+        out_dir: the output directory of the killed merge.
+
+    Returns:
+        What was done, one line per action (empty when there was nothing to repair).
+
+    Example:
+        >>> import tempfile
+        >>> recover_merge(tempfile.mkdtemp() + "/out")
+        []
+    """
+    return _atomic.recover(_dirs.absolute(out_dir))
+
+
+def _check_merged(path: str, merged: np.ndarray, base: Any) -> None:
+    bad = _digest.count_new_nonfinite(merged, base)
+    if bad:
+        raise NonFiniteError(
+            f"{path}: merging gives {bad} NaN or infinite values where the base weight is finite "
+            f"(dtype {merged.dtype}: W0 + scale * a @ b overflows it, or the factors are huge); "
+            "nothing was written. Check the adapters, or pass check_finite=False (--no-check-finite) "
+            "to write them anyway"
+        )
 
 
 def _only_pytree(target: epath.Path) -> epath.Path:
@@ -345,17 +435,3 @@ def _only_pytree(target: epath.Path) -> epath.Path:
             "differently from those jlora was tested with"
         )
     return found[0]
-
-
-def _replace(new: epath.Path, out: epath.Path, scratch: epath.Path) -> None:
-    """Moves the complete checkpoint ``new`` to ``out``, setting an existing ``out`` aside first."""
-    if not out.exists():
-        new.rename(out)
-        return
-    previous = scratch / "previous"
-    out.rename(previous)
-    try:
-        new.rename(out)
-    except BaseException:
-        previous.rename(out)
-        raise

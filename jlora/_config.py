@@ -53,9 +53,19 @@ def _check_rank(where: str, rank: Any) -> int:
     return int(rank)
 
 
+def _is_real(value: Any) -> bool:
+    """A real number: Python or NumPy int or float, not bool and not complex."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    )
+
+
 def _check_alpha(where: str, alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
-        raise ConfigError(f"{where}: alpha {alpha!r} is not a number; expected a float > 0")
+    if not _is_real(alpha):
+        raise ConfigError(
+            f"{where}: alpha {alpha!r} is not a number; expected a real float > 0"
+            + (" (a complex one would be read as its real part)" if np.iscomplexobj(alpha) else "")
+        )
     if not (math.isfinite(alpha) and alpha > 0):
         raise ConfigError(
             f"{where}: alpha {alpha!r} is invalid; expected a finite float > 0 (the adapter's "
@@ -64,11 +74,24 @@ def _check_alpha(where: str, alpha: Any) -> float:
     return float(alpha)
 
 
-def _pattern_map(name: str, value: Mapping[str, Any], check) -> tuple[tuple[str, Any], ...]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"LoraConfig.{name}: got {value!r}; expected a mapping from path regex to value"
-        )
+def _pairs(name: str, value: Any) -> dict[str, Any]:
+    # A mapping, or the tuple of (pattern, value) pairs a config stores; never a list of strings
+    # (dict(["io"]) would silently read the 2-letter string as a pair).
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (tuple, list)) and all(
+        isinstance(item, (tuple, list)) and len(item) == 2 for item in value
+    ):
+        return dict(value)
+    example = "'ioo'" if name == "layouts" else "..."
+    raise ConfigError(
+        f"LoraConfig.{name}: got {value!r}; expected a mapping from path regex to value, e.g. "
+        f"{name}={{'.*attn/query/kernel': {example}}}"
+    )
+
+
+def _pattern_map(name: str, value: Any, check) -> tuple[tuple[str, Any], ...]:
+    value = _pairs(name, value)
     out = []
     for pattern, v in value.items():
         if not isinstance(pattern, str):
@@ -199,15 +222,11 @@ class LoraConfig:
         put("trainable", _patterns("trainable", self.trainable))
         put("rank", _check_rank("LoraConfig.rank", self.rank))
         put("alpha", _check_alpha("LoraConfig.alpha", self.alpha))
-        put("rank_pattern", _pattern_map("rank_pattern", dict(self.rank_pattern), _check_rank))
-        put("alpha_pattern", _pattern_map("alpha_pattern", dict(self.alpha_pattern), _check_alpha))
-        put("layouts", _pattern_map("layouts", dict(self.layouts), _check_layout))
+        put("rank_pattern", _pattern_map("rank_pattern", self.rank_pattern, _check_rank))
+        put("alpha_pattern", _pattern_map("alpha_pattern", self.alpha_pattern, _check_alpha))
+        put("layouts", _pattern_map("layouts", self.layouts, _check_layout))
         dropout = self.dropout
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1
-        ):
+        if not _is_real(dropout) or not 0 <= dropout < 1:
             raise ConfigError(
                 f"LoraConfig.dropout: {dropout!r} is invalid; expected a rate in [0, 1) "
                 "(0 turns LoRA dropout off)"

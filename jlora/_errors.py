@@ -20,6 +20,15 @@ class AdapterMismatchError(ValueError):
     """Adapters do not fit the base parameters (made for another model, or a different config)."""
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint or file on disk is damaged: unreadable, truncated, or its data differs from
+    the digests recorded when it was written."""
+
+
+class NonFiniteError(ValueError):
+    """Arrays jlora would load or write hold NaN or infinite values."""
+
+
 class NotAnArrayError(TypeError):
     """A targeted leaf of the parameter tree is not an array."""
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._config import LoraConfig
+from ._errors import ConfigError
 from ._extras import copy_extras, select_extras
 from ._layout import Layout
 from ._paths import is_box, nest, path_to_str, unbox
@@ -50,6 +52,18 @@ class LoraFactors:
     b: jax.Array
     scale: float = dataclasses.field(metadata={"static": True})
     layout: Layout = dataclasses.field(metadata={"static": True})
+
+    def __post_init__(self) -> None:
+        scale = self.scale
+        real = not isinstance(scale, (bool, np.bool_)) and isinstance(
+            scale, (int, float, np.integer, np.floating)
+        )
+        if not (real and math.isfinite(scale)):
+            raise ConfigError(
+                f"LoraFactors: scale {scale!r} is not a finite real number; expected alpha / rank "
+                "(e.g. LoraConfig.scale_for(path)). A NaN, infinite or complex scale would put "
+                "NaN/Inf (or a silently truncated value) into every merged weight"
+            )
 
     @property
     def rank(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._errors import AdapterMismatchError
+from ._errors import AdapterMismatchError, NonFiniteError
 from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
 from ._paths import is_box, leaves_with_paths, nest, path_to_str, unbox
@@ -82,6 +82,12 @@ def factor_delta(factors: LoraFactors) -> jax.Array:
 def check_fit(path: str, weight: Any, factors: LoraFactors) -> None:
     """Raises :class:`AdapterMismatchError` if ``factors`` cannot adapt ``weight`` (trace time)."""
     shape = tuple(weight.shape)
+    if not jnp.issubdtype(weight.dtype, jnp.floating):
+        raise AdapterMismatchError(
+            f"{path}: the weight has dtype {jnp.dtype(weight.dtype).name}, not floating point; "
+            "merging the float delta into it would truncate it (usually to nothing). LoRA "
+            "adapts floating-point weights; were these adapters made for another model?"
+        )
     layout = factors.layout
     rank = factors.rank
     expected = layout.factor_shapes(shape, rank) if layout.fits(len(shape)) else None
@@ -98,9 +104,23 @@ def check_fit(path: str, weight: Any, factors: LoraFactors) -> None:
 def _combine(w: Any, factors: LoraFactors, subtract: bool) -> jax.Array:
     # Op by op, not one jitted expression: XLA would fuse `w + scale * a @ b` into fused
     # multiply-adds and skip the rounding of the float32 delta that the merge rule promises.
-    w32 = jnp.asarray(w).astype(jnp.float32)
-    d = factor_delta(factors)
-    return _on_sharding_of((w32 - d if subtract else w32 + d).astype(w.dtype), w)
+    try:
+        w32 = jnp.asarray(w).astype(jnp.float32)
+        d = factor_delta(factors)
+        out = w32 - d if subtract else w32 + d
+    except ValueError as e:
+        if "incompatible devices" not in str(e):
+            raise
+        raise AdapterMismatchError(
+            f"the weight is on devices {_devices(w)} but its adapter's factors are on "
+            f"{_devices(factors.a)} (a) and {_devices(factors.b)} (b); put them on one mesh (restore or device_put the adapters "
+            "onto jlora.sharding.factor_shardings of the weights' shardings)"
+        ) from None
+    return _on_sharding_of(out.astype(w.dtype), w)
+
+
+def _devices(x: Any) -> list[int]:
+    return sorted(d.id for d in getattr(getattr(x, "sharding", None), "device_set", ()))
 
 
 def _on_sharding_of(out: Any, w: Any) -> Any:
@@ -119,7 +139,30 @@ def replace_extra(path: str, w: Any, extra: Trainable) -> Any:
     return _on_sharding_of(extra.value, w)
 
 
-def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
+def _check_finite(path: str, merged: Any, w: Any) -> None:
+    if isinstance(merged, jax.core.Tracer):
+        raise TypeError(
+            f"{path}: merge(..., check_finite=True) reads the merged values, which a trace (jit, "
+            "grad, vmap) does not have; call merge outside the trace, or drop check_finite"
+        )
+    bad = int(jnp.sum(~jnp.isfinite(merged) & jnp.isfinite(jnp.asarray(w))))
+    if bad:
+        raise NonFiniteError(
+            f"{path}: the merged weight holds {bad} NaN or infinite values where the base is "
+            f"finite (dtype {jnp.dtype(merged.dtype).name}: W0 + scale * a @ b overflows it, or "
+            "the factors hold NaN/Inf). Check the adapters before using this model"
+        )
+
+
+def _duplicate(key: str) -> AdapterMismatchError:
+    return AdapterMismatchError(
+        f"{key}: two leaves of the parameters have this '/'-joined path (a dict key containing "
+        "'/' next to the nested keys it spells), so the adapter would be applied to both. "
+        "Rename the key so that it holds no '/'"
+    )
+
+
+def _apply(params: Any, adapters: Any, *, subtract: bool, check_finite: bool = False) -> Any:
     table, extras = adapter_tables(adapters)
     seen = set()
 
@@ -127,6 +170,8 @@ def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
         if is_box(w):  # merge the weight inside, keep its sharding annotation
             return w.replace_boxed(leaf(path, unbox(w)))
         key = path_to_str(path)
+        if key in seen:
+            raise _duplicate(key)
         factors = table.get(key)
         if factors is None:
             extra = extras.get(key)
@@ -139,7 +184,13 @@ def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
             return replace_extra(key, w, extra)
         seen.add(key)
         check_fit(key, w, factors)
-        return _combine(w, factors, subtract)
+        try:
+            out = _combine(w, factors, subtract)
+        except AdapterMismatchError as e:
+            raise AdapterMismatchError(f"{key}: {e}") from None
+        if check_finite:
+            _check_finite(key, out, w)
+        return out
 
     out = jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_box)
     missing = [p for p in [*table, *extras] if p not in seen]
@@ -152,12 +203,18 @@ def _apply(params: Any, adapters: Any, *, subtract: bool) -> Any:
     return out
 
 
-def merge(params: Any, adapters: Any) -> Any:
+def merge(params: Any, adapters: Any, *, check_finite: bool = False) -> Any:
     """Folds adapters into the base: ``W0 + scale * a @ b`` at each adapted weight.
+
+    ``merge`` is pure: merging a tree that already holds the adapters adds them a second time.
+    Keeping track of which trees are merged is the caller's job (:func:`unmerge` takes them out).
 
     Args:
         params: the base parameter pytree.
         adapters: adapters from :func:`jlora.init` (or training) for these params.
+        check_finite: raise if a merged weight holds NaN/Inf where the base is finite (PEFT's
+            ``safe_merge``). Off by default: it reads every merged weight back, a device-to-host
+            synchronisation per weight, and it needs concrete arrays (not inside ``jax.jit``).
 
     Returns:
         A pytree like ``params``. Adapted leaves are new arrays of the base dtype, computed in
@@ -167,7 +224,9 @@ def merge(params: Any, adapters: Any) -> Any:
 
     Raises:
         AdapterMismatchError: an adapter's path is missing from ``params`` or its shapes do not fit;
-            an extra's shape or dtype differs from its base leaf's.
+            an adapted weight is not floating point; two leaves share an adapted path; an extra's
+            shape or dtype differs from its base leaf's.
+        NonFiniteError: with ``check_finite``, a merged weight holds new NaN/Inf values.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -179,7 +238,7 @@ def merge(params: Any, adapters: Any) -> Any:
         >>> merge({"head": jnp.zeros(2)}, {"head": jlora.Trainable(jnp.ones(2))})["head"].tolist()
         [1.0, 1.0]
     """
-    return _apply(params, adapters, subtract=False)
+    return _apply(params, adapters, subtract=False, check_finite=check_finite)
 
 
 def unmerge(params: Any, adapters: Any) -> Any:

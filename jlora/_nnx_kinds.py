@@ -78,8 +78,9 @@ class Kind:
 
 def _floating(x: jax.Array, dtype: Any) -> jax.Array:
     # The base layer promotes its input to its output dtype; the LoRA term follows it so the two
-    # add without mixing dtypes.
-    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+    # add without mixing dtypes. Integer inputs too: left as they are, the factors would be cast
+    # to the integers' dtype and the term truncated to nothing (jlora.linen casts the same way).
+    return jnp.asarray(x).astype(dtype) if x.dtype != dtype else x
 
 
 def _linear_term(module, x, dtype, f, rate, rng, *args, **kwargs):

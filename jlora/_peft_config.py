@@ -143,7 +143,36 @@ def _table(data: Mapping[str, Any], name: str, check: type, where: str) -> dict[
             f"{where}: {name!r} is {table!r}; expected a dict from module-name pattern to "
             f"{'number' if check is float else 'integer'}"
         )
+    for key in table:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise PeftFormatError(
+                f"{where}: {name} key {key!r} is not a valid regular expression ({e}); PEFT "
+                "raises on it too. Fix the pattern (re.escape a literal module name)"
+            ) from None
     return {k: check(v) for k, v in table.items()}
+
+
+# PEFT's init_lora_weights values that leave the base model as it is: the saved factors are the
+# whole adapter. The others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...) subtract the initial
+# adapter from the base weights, so the file fits only PEFT's modified (residual) base.
+_PLAIN_INITS = (True, False, "gaussian", "eva")
+
+
+def _init(data: Mapping[str, Any], where: str) -> str:
+    init = data.get("init_lora_weights", True)
+    if init is None:
+        init = True
+    if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
+        raise PeftFormatError(
+            f"{where}: init_lora_weights = {init!r} is not supported: that initialisation "
+            "(PiSSA, OLoRA, CorDA, LoftQ, ...) changes the base model's weights, so these factors "
+            "only fit PEFT's residual base, not the original model jlora would merge them into. "
+            "Convert the adapter to plain LoRA with PEFT first (save_pretrained with "
+            "path_initial_model_for_weight_conversion=...)"
+        )
+    return "gaussian" if init == "gaussian" else "kaiming_uniform"
 
 
 def read(data: Any, where: str) -> PeftSettings:
@@ -181,7 +210,7 @@ def read(data: Any, where: str) -> PeftSettings:
         )
     r = _field(data, "r", 8, (int,), where)
     alpha = _field(data, "lora_alpha", 8, (int, float), where)
-    init = data.get("init_lora_weights", True)
+    init = _init(data, where)
     return PeftSettings(
         r=r,
         lora_alpha=float(alpha),
@@ -189,7 +218,7 @@ def read(data: Any, where: str) -> PeftSettings:
         alpha_pattern=_table(data, "alpha_pattern", float, where),
         use_rslora=_field(data, "use_rslora", False, (bool,), where),
         lora_dropout=float(_field(data, "lora_dropout", 0.0, (int, float), where)),
-        init="gaussian" if init == "gaussian" else "kaiming_uniform",
+        init=init,
         modules_to_save=tuple(saved),
     )
 

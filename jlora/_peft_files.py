@@ -4,10 +4,21 @@ Tensors are named ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight
 modules and ``.lora_embedding_A`` / ``.lora_embedding_B`` for Embedding ones (PEFT's state-dict names
 with the adapter name removed), stored as float32 with the header metadata ``{"format": "pt"}`` that
 PEFT writes.
+
+**The two files as a pair.** jlora adds two digests to the safetensors header metadata (which PEFT
+ignores): ``jlora_tensors_sha256``, of the tensors themselves, and ``jlora_config_sha256``, of the
+``adapter_config.json`` written with them (:func:`config_digest`: of the keys that decide the
+adapter's ranks and scales, so editing ``base_model_name_or_path`` by hand keeps the pair valid). Both files are staged
+under temporary names, then renamed in, the tensors first. A kill between the two renames leaves
+the new tensors beside the old config: :func:`read` sees the config digest differ, finds the new
+config still staged beside them and completes the save (or, if there is none, refuses the pair
+rather than load tensors with another adapter's ranks and scales). Files written by PEFT carry no
+digests and are read as they are.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -19,8 +30,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import _peft_config
-from ._errors import PeftFormatError
+from . import _digest
+from ._errors import NonFiniteError, PeftFormatError
 from ._factors import LoraFactors
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,6 +46,19 @@ SUFFIXES: dict[str, tuple[Kind, str]] = {
     ".lora_embedding_B": ("embedding", "B"),
 }
 NAMES = {(kind, f): suffix[1:] for suffix, (kind, f) in SUFFIXES.items()}
+TENSORS_DIGEST = "jlora_tensors_sha256"
+CONFIG_DIGEST = "jlora_config_sha256"
+# The keys that, with the tensors, decide what a loaded adapter computes: the pair digest's input.
+_BOUND = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
+          "modules_to_save")  # fmt: skip
+
+
+def config_digest(config: Any) -> str:
+    """The digest that binds an ``adapter_config.json`` to its tensors: of its ranks, alphas,
+    rsLoRA flag and saved modules (other keys, descriptive or unknown, may change freely)."""
+    if not isinstance(config, dict):
+        return _digest.json_digest(config)
+    return _digest.json_digest({k: config.get(k) for k in _BOUND})
 
 
 def peft_pair(
@@ -77,13 +101,22 @@ def peft_pair(
 def write_files(
     directory: str | os.PathLike[str], tensors: dict[str, np.ndarray], config: dict[str, Any]
 ) -> None:
-    """Writes both files into ``directory`` (created if missing), replacing them atomically."""
+    """Writes both files into ``directory`` (created if missing) as a pair (module docstring)."""
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    metadata = {
+        "format": "pt",
+        TENSORS_DIGEST: _digest.tensors_digest(tensors),
+        CONFIG_DIGEST: config_digest(config),
+    }
+    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    _complete_interrupted_save(directory)
+    for stale in _staged(directory, WEIGHTS_NAME) + _staged(directory, CONFIG_NAME):
+        os.unlink(stale)
     _replace_files(
         directory,
         {
-            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata=metadata),
             CONFIG_NAME: lambda p: _write_text(p, text),
         },
     )
@@ -94,7 +127,17 @@ def _write_text(path: str, text: str) -> None:
         fh.write(text)
 
 
-def _replace_files(directory: str | os.PathLike[str], writers: dict[str, Callable]) -> None:
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a directory on a file system that cannot sync one
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_files(directory: str, writers: dict[str, Callable]) -> None:
     # Stage every file under a temporary name first, then rename them in: a failure while writing
     # leaves the previous files untouched, and the renames themselves are atomic.
     staged: list[tuple[str, str]] = []
@@ -104,15 +147,64 @@ def _replace_files(directory: str | os.PathLike[str], writers: dict[str, Callabl
             os.close(fd)
             staged.append((tmp, os.path.join(directory, name)))
             write(tmp)
+            _fsync(tmp)
         for tmp, final in staged:
             os.replace(tmp, final)
+        _fsync(directory)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
 
-def read_config(directory: str) -> _peft_config.PeftSettings:
+def _staged(directory: str, name: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(directory), f".{name}.*.tmp")))
+
+
+def _load_json(file: str) -> Any:
+    with open(file, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _staged_config(directory: str, digest: str) -> tuple[str, Any] | None:
+    """A config staged by an interrupted save whose digest is ``digest``, with its path."""
+    for path in _staged(directory, CONFIG_NAME):
+        try:
+            data = _load_json(path)
+        except (OSError, ValueError):
+            continue  # killed while writing it
+        if config_digest(data) == digest:
+            return path, data
+    return None
+
+
+def _complete_interrupted_save(directory: str) -> None:
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    config = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(weights):
+        return
+    try:
+        expected = read_metadata(weights).get(CONFIG_DIGEST)
+        current = config_digest(_load_json(config)) if os.path.isfile(config) else None
+    except (OSError, ValueError, PeftFormatError):
+        return
+    if expected is not None and current != expected:
+        staged = _staged_config(directory, expected)
+        if staged is not None:
+            os.replace(staged[0], config)
+
+
+def read_metadata(file: str) -> dict[str, str]:
+    """The safetensors header metadata of ``file`` ({} when it has none)."""
+    try:
+        with safe_open(file, framework="np") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as e:
+        raise PeftFormatError(f"{file}: cannot be read as safetensors ({e})") from None
+
+
+def read_config_data(directory: str) -> tuple[Any, str]:
+    """The parsed ``adapter_config.json`` and its path."""
     file = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(file):
         raise FileNotFoundError(
@@ -120,14 +212,49 @@ def read_config(directory: str) -> _peft_config.PeftSettings:
             f"{WEIGHTS_NAME} (as written by PEFT's save_pretrained or jlora.peft.save)"
         )
     try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise PeftFormatError(f"{file}: not valid JSON ({e})") from None
-    return _peft_config.read(data, file)
+        return _load_json(file), file
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftFormatError(
+            f"{file}: not valid JSON ({e}); the file is damaged or is not a PEFT adapter config"
+        ) from None
 
 
-def read_tensors(directory: str) -> dict[str, np.ndarray]:
+def check_pair(directory: str, data: Any, metadata: dict[str, str]) -> Any:
+    """The config that belongs with tensors of header ``metadata`` (see the module docstring).
+
+    Returns ``data`` when it matches (or the tensors carry no digest), else the config staged by
+    the interrupted save that wrote the tensors, renamed into place when the directory allows.
+
+    Raises:
+        PeftFormatError: the config belongs to other tensors and no staged one matches.
+    """
+    expected = metadata.get(CONFIG_DIGEST)
+    if expected is None or config_digest(data) == expected:
+        return data
+    staged = _staged_config(directory, expected)
+    if staged is None:
+        raise PeftFormatError(
+            f"{directory}: {WEIGHTS_NAME} was written with another {CONFIG_NAME} than the one "
+            "beside it (its ranks, alphas or targets differ from those the tensors were saved "
+            "with): the files come from two saves, e.g. one interrupted or copied over. Save the "
+            "adapter again, or copy both files from one save"
+        )
+    path, data = staged
+    try:
+        os.replace(path, os.path.join(directory, CONFIG_NAME))
+    except OSError:  # a read-only directory: use the staged config as it is
+        pass
+    return data
+
+
+def read_tensors(directory: str, check_finite: bool = True) -> dict[str, np.ndarray]:
+    """The tensors of ``adapter_model.safetensors``, checked against their digest when it has one.
+
+    Raises:
+        FileNotFoundError: no such file.
+        PeftFormatError: unreadable, or damaged (digest).
+        NonFiniteError: a tensor holds NaN/Inf (with ``check_finite``).
+    """
     file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(file):
         pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
@@ -143,9 +270,27 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
         )
     try:
         with safe_open(file, framework="np") as fh:
-            return {key: fh.get_tensor(key) for key in fh.keys()}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+            metadata = dict(fh.metadata() or {})
     except Exception as e:
         raise PeftFormatError(f"{file}: cannot be read as safetensors ({e})") from None
+    expected = metadata.get(TENSORS_DIGEST)
+    if expected is not None and _digest.tensors_digest(tensors) != expected:
+        raise PeftFormatError(
+            f"{file}: the file is damaged: its tensors differ from the digest recorded when "
+            "jlora saved them (a changed byte, or a tensor edited without updating the header). "
+            "Save the adapter again"
+        )
+    if check_finite:
+        for key, value in tensors.items():
+            bad = _digest.count_nonfinite(value)
+            if bad:
+                raise NonFiniteError(
+                    f"{file}: tensor {key!r} {tuple(value.shape)} holds {bad} NaN or infinite "
+                    "values; merging it would put NaN/Inf into the model. The adapter is broken "
+                    "(a diverged run?); pass check_finite=False to load it anyway"
+                )
+    return tensors
 
 
 def group(tensors: dict[str, np.ndarray], where: str) -> dict[str, dict[str, Any]]:

@@ -14,6 +14,8 @@ import re
 import warnings
 from typing import Any
 
+import jax.numpy as jnp
+
 from ._config import LoraConfig
 from ._errors import NotAnArrayError, SkippedTargetsWarning, TargetError, skipped_message
 from ._layout import Layout
@@ -74,6 +76,13 @@ def _target(path: str, leaf: Any, config: LoraConfig) -> Target:
             "weight (jax/numpy array or jax.ShapeDtypeStruct). Narrow LoraConfig.targets or add "
             "this path to exclude"
         )
+    if not _is_float(leaf.dtype):
+        raise TargetError(
+            f"{path}: targeted a weight of dtype {_dtype_name(leaf.dtype)}; LoRA adapts "
+            "floating-point weights (merging a float delta into integers would truncate it, "
+            "usually to nothing). Narrow LoraConfig.targets or add this path to exclude; for a "
+            "quantized weight, adapt its floating-point copy"
+        )
     shape = tuple(leaf.shape)
     spec = config.layout_for(path)
     layout = default_layout(path, shape) if spec is None else Layout.parse(spec)
@@ -91,6 +100,34 @@ def _target(path: str, leaf: Any, config: LoraConfig) -> Target:
             "with rank_pattern for this path, or exclude it"
         )
     return Target(path, shape, leaf.dtype, layout, rank, config.scale_for(path))
+
+
+def _is_float(dtype: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.floating))
+    except TypeError:
+        return False
+
+
+def _dtype_name(dtype: Any) -> str:
+    return getattr(dtype, "name", None) or str(dtype)
+
+
+def check_unique_paths(paths: list[str], wanted: Any) -> None:
+    """Raises :class:`TargetError` if two leaves that ``wanted(path)`` selects share a path.
+
+    A dict key holding ``/`` (``{"a/b": w}``) has the same ``/``-joined path as a nested leaf
+    (``{"a": {"b": w}}``), so one adapter would be added to both weights.
+    """
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen and wanted(path):
+            raise TargetError(
+                f"{path}: two leaves of the parameter tree have this '/'-joined path (a dict key "
+                "containing '/' next to the nested keys it spells), so one adapter would be "
+                "applied to both. Rename the key so that it holds no '/'"
+            )
+        seen.add(path)
 
 
 def check_patterns(paths: list[str], config: LoraConfig) -> None:
@@ -125,12 +162,14 @@ def select(params: Any, config: LoraConfig) -> list[Target]:
 
     Raises:
         TargetError: a target pattern matches no path, a targeted weight has fewer than 2 axes or an
-            ambiguous shape with no layout, or a rank exceeds ``min(fan_in, fan_out)``.
+            ambiguous shape with no layout, is not floating point, or shares its path with
+            another leaf (a key holding ``/``), or a rank exceeds ``min(fan_in, fan_out)``.
         NotAnArrayError: a targeted leaf is not an array.
     """
     leaves = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
     check_patterns(paths, config)
+    check_unique_paths(paths, lambda p: config.selects(p) or config.is_trainable(p))
     targets, skipped = [], {}
     for path, leaf in leaves:
         if not config.selects(path):

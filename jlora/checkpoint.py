@@ -18,14 +18,25 @@ Periodic saving that keeps the last ``N`` is orbax's ``CheckpointManager`` with 
 **Merging on disk.** :func:`merge_checkpoint` folds an adapter checkpoint into a base checkpoint
 (an orbax PyTree checkpoint of the parameters) and writes a new one, a group of leaves at a time,
 so host memory stays near the largest leaf rather than the model. The command line does the same:
-``python -m jlora merge --base DIR --adapter DIR --out DIR [--overwrite]``.
+``python -m jlora merge --base DIR --adapter DIR --out DIR [--overwrite]``. A merge killed at
+any moment is repaired by the next merge into the same output, or by :func:`recover_merge`
+(``python -m jlora recover --out DIR``).
 """
 
-from ._ckpt_adapters import restore as restore
 from ._ckpt_adapters import save as save
 from ._ckpt_adapters import save_args as save_args
 from ._ckpt_adapters import steps as steps
 from ._ckpt_merge import MergeSummary as MergeSummary
 from ._ckpt_merge import merge_checkpoint as merge_checkpoint
+from ._ckpt_merge import recover_merge as recover_merge
+from ._ckpt_restore import restore as restore
 
-__all__ = ["MergeSummary", "merge_checkpoint", "restore", "save", "save_args", "steps"]
+__all__ = [
+    "MergeSummary",
+    "merge_checkpoint",
+    "recover_merge",
+    "restore",
+    "save",
+    "save_args",
+    "steps",
+]

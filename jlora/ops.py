@@ -89,6 +89,15 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def _check_floating(x: jax.Array, op: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(
+            f"{op}: the input has dtype {x.dtype}; the factors are cast to the input's dtype, so "
+            "an integer input would truncate them and drop the LoRA term. Cast the input to the "
+            "layer's floating dtype first (as the layer itself does)"
+        )
+
+
 def _one_layer(factors: LoraFactors, op: str) -> tuple[jax.Array, jax.Array]:
     fan_in_ndim = factors.layout.fan_in_ndim
     if factors.a.ndim != fan_in_ndim + 1:
@@ -121,6 +130,7 @@ def dense_branch(
         (5, 4)
     """
     a, b = _one_layer(factors, "dense_branch")
+    _check_floating(x, "dense_branch")
     n_in = factors.layout.fan_in_ndim
     if x.shape[x.ndim - n_in :] != a.shape[:-1]:
         raise AdapterMismatchError(
@@ -186,6 +196,7 @@ def conv_branch(
         (4, 6, 6, 5)
     """
     a, b = _one_layer(factors, "conv_branch")
+    _check_floating(x, "conv_branch")
     n_spatial = a.ndim - 2
     batch = x.shape[: x.ndim - n_spatial - 1]
     x = checkpoint_name(dropout(x, dropout_rate, rng), LORA_INPUT)
@@ -248,6 +259,7 @@ def attend_branch(x: jax.Array, factors: LoraFactors) -> jax.Array:
         (4, 10)
     """
     a, b = _one_layer(factors, "attend_branch")
+    _check_floating(x, "attend_branch")
     x = checkpoint_name(x, LORA_INPUT)
     xb = jnp.tensordot(x, b.astype(x.dtype), axes=((x.ndim - 1,), (1,)))
     return jnp.tensordot(xb * factors.scale, a.astype(x.dtype), axes=((x.ndim - 1,), (1,)))

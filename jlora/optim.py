@@ -31,9 +31,11 @@ has no state) to the frozen part. LoRA+ scales ``b`` alone: extras train at the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from ._extras import Trainable
@@ -55,10 +57,13 @@ def _is_node(x: Any) -> bool:
 
 
 def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+    real = not isinstance(ratio, (bool, np.bool_)) and isinstance(
+        ratio, (int, float, np.integer, np.floating)
+    )
+    if not real or not (0 < ratio < math.inf):
         raise ValueError(
-            f"LoRA+ ratio {ratio!r} is invalid; expected a number > 0, the learning rate of b "
-            "relative to a (the paper's default is 16)"
+            f"LoRA+ ratio {ratio!r} is invalid; expected a number > 0 and finite, the learning rate "
+            "of b relative to a (the paper's default is 16)"
         )
     return float(ratio)
 
@@ -78,7 +83,7 @@ def scale_by_lora_plus(ratio: float = _DEFAULT_RATIO) -> optax.GradientTransform
         A stateless ``optax.GradientTransformation``.
 
     Raises:
-        ValueError: ``ratio`` is not a positive number.
+        ValueError: ``ratio`` is not a finite positive number.
 
     Example:
         >>> import jax.numpy as jnp, jlora

@@ -115,7 +115,10 @@ def save(
 
     Everything is checked before anything is written, and each file is written to a temporary
     name and renamed into place, so a failed save leaves an existing adapter in ``directory``
-    as it was. Other files in ``directory`` are left alone.
+    as it was. The tensors' header records digests of the tensors and of the config, which
+    :func:`load` checks: a save killed between the two renames is completed by the next
+    :func:`load` or :func:`save`, and a pair from two saves is refused (see
+    ``jlora._peft_files``). Other files in ``directory`` are left alone.
 
     Args:
         directory: where to write (created if missing); the two files are replaced if present.
@@ -260,6 +263,7 @@ def load(
     params: Any,
     *,
     module_to_path: Callable[[str, Kind], str] = module_to_path,
+    check_finite: bool = True,
 ) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter as jlora adapters and a config, checked against ``params``.
 
@@ -278,6 +282,8 @@ def load(
         params: the base parameters (arrays or ``jax.ShapeDtypeStruct``); only shapes are read.
         module_to_path: maps a torch module's dotted name and its kind (``"linear"`` or
             ``"embedding"``) to the Flax parameter path of its weight.
+        check_finite: refuse tensors holding NaN or infinite values (on by default: the check
+            costs far less than reading the file).
 
     Returns:
         ``(adapters, config)``: the adapter pytree (sparse, mirroring ``params``) and its config.
@@ -285,8 +291,11 @@ def load(
     Raises:
         FileNotFoundError: a file is missing.
         PeftFormatError: not a LoRA adapter, a feature jlora cannot represent (DoRA, lora bias,
-            conv layers, ...), malformed tensors, ranks that disagree with the config, or a
-            ``modules_to_save`` entry without tensors.
+            conv layers, PiSSA-style initialisations that changed the base, ...), malformed or
+            damaged tensors (digest), a config from another save than the tensors, ranks that
+            disagree with the config, or a ``modules_to_save`` entry without tensors.
+        NonFiniteError: a tensor holds NaN or infinite values (``check_finite``; a
+            ``ValueError``).
         AdapterMismatchError: a module maps to no parameter, or its factors do not fit the weight;
             a saved module's tensor fits no parameter.
 
@@ -305,11 +314,12 @@ def load(
         ((4, 2), 2.0)
     """
     directory = os.fspath(directory)
-    settings = _peft_files.read_config(directory)
+    data, config_file = _peft_files.read_config_data(directory)
     weights_file = os.path.join(directory, WEIGHTS_NAME)
-    lora_tensors, saved = _peft_extras.split_saved(
-        _peft_files.read_tensors(directory), settings.modules_to_save, weights_file
-    )
+    tensors = _peft_files.read_tensors(directory, check_finite)
+    data = _peft_files.check_pair(directory, data, _peft_files.read_metadata(weights_file))
+    settings = _peft_config.read(data, config_file)
+    lora_tensors, saved = _peft_extras.split_saved(tensors, settings.modules_to_save, weights_file)
     modules = _peft_files.group(lora_tensors, weights_file)
     leaves = dict(leaves_with_paths(params))
     by_path: dict[str, tuple[str, dict[str, Any]]] = {}

@@ -128,9 +128,12 @@ def factor_shardings(adapters: Any, param_shardings: Any, mesh: Mesh | None = No
     if mesh is not None:
         specs = factor_specs(adapters, param_shardings)
         table, extras = adapter_tables(specs)
+        shapes = factors_by_path(adapters)
         for path, f in table.items():
-            for spec in (f.a, f.b):
+            for name, spec in (("a", f.a), ("b", f.b)):
                 _check_axes(path, spec, mesh)
+                shape = tuple(getattr(shapes[path], name).shape)
+                check_divides(f"{path}: factor {name}", shape, spec, mesh)
         for path, e in extras.items():
             _check_axes(path, e.value, mesh)
         return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
@@ -172,6 +175,22 @@ def _check_axes(where: str, spec: PartitionSpec, mesh: Mesh) -> None:
                 )
 
 
+def check_divides(where: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
+    """Raises :class:`AdapterMismatchError` if a sharded axis of ``shape`` does not split evenly."""
+    for axis, entry in enumerate(spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        parts = 1
+        for name in names:
+            if name is not None and name in mesh.shape:
+                parts *= mesh.shape[name]
+        if axis < len(shape) and shape[axis] % parts:
+            raise AdapterMismatchError(
+                f"{where}: PartitionSpec {spec} splits axis {axis} of shape {tuple(shape)} into "
+                f"{parts} parts (mesh axes {entry!r}), which do not divide {shape[axis]}; choose "
+                "mesh axes whose sizes divide it, or leave this axis replicated (None)"
+            )
+
+
 def _is_placement(x: Any) -> bool:
     return isinstance(x, jax.sharding.Sharding | PartitionSpec) or x is None
 
@@ -193,8 +212,8 @@ def check_factor_shardings(adapters: Any, shardings: Any, mesh: Mesh | None = No
 
     Raises:
         AdapterMismatchError: a factor has no sharding, one of an unexpected type, a spec longer
-            than the factor, an axis the mesh lacks, or a sharded rank axis. The message names
-            the adapter path and the factor.
+            than the factor, an axis the mesh lacks, an axis the mesh axes do not divide, or a
+            sharded rank axis. The message names the adapter path and the factor.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np, jlora
@@ -254,6 +273,7 @@ def _check_factor(where: str, x: Any, placement: Any, mesh: Mesh | None, rank_ax
             "since every device needs the whole rank-r product x a. Derive factor shardings from "
             "the base weights' with jlora.sharding.factor_shardings"
         )
+    check_divides(where, tuple(x.shape), spec, mesh)
 
 
 def init(

@@ -61,7 +61,15 @@ SUBMODULES = {
         "subspace_similarity_grid",
         "update_projection",
     ],
-    "checkpoint": ["MergeSummary", "merge_checkpoint", "restore", "save", "save_args", "steps"],
+    "checkpoint": [
+        "MergeSummary",
+        "merge_checkpoint",
+        "recover_merge",
+        "restore",
+        "save",
+        "save_args",
+        "steps",
+    ],
     "linen": ["LoraModel", "lora"],
     "lowrank": ["LowRankDense", "LowRankLinear", "init_factors"],
     "nnx": [

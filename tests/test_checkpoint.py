@@ -494,14 +494,18 @@ def test_merge_replaces_an_existing_output_only_when_asked_and_complete(tmp_path
             raise OSError("disk full")
         return write(target, values)
 
+    with pytest.raises(FileExistsError, match=r"out .* is a directory holding \['keep.txt'\]"):
+        checkpoint.merge_checkpoint(base, adapter, out, overwrite=True)  # not a checkpoint
     with monkeypatch.context() as patch:
         patch.setattr(ckpt_merge, "_write_group", failing_write)
         with pytest.raises(OSError, match="disk full"):
-            checkpoint.merge_checkpoint(base, adapter, out, overwrite=True, group_bytes=1024)
+            checkpoint.merge_checkpoint(
+                base, adapter, out, overwrite=True, force=True, group_bytes=1024
+            )
     assert (out / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]  # no scratch
 
-    checkpoint.merge_checkpoint(base, adapter, out, overwrite=True)
+    checkpoint.merge_checkpoint(base, adapter, out, overwrite=True, force=True)
     assert not (out / "keep.txt").exists()
     expected = jlora.merge(params, adapters)
     np.testing.assert_array_equal(_load_merged(out)["stacked"], expected["stacked"])

@@ -364,9 +364,7 @@ def _stacked():
 
 def test_save_refuses_stacked_adapters(tmp_path):
     adapters, config = _stacked()
-    with pytest.raises(
-        PeftFormatError, match=r"layers/kernel: .*\(3, 6, 2\).*'sio'.*1 stack axes"
-    ):
+    with pytest.raises(PeftFormatError, match=r"layers/kernel: .*\(3, 6, 2\).*'sio'.*1 stack axes"):
         jpeft.save(tmp_path, adapters, config)
 
 
@@ -453,6 +451,9 @@ def _edit_config(directory, **changes):
         cfg = json.load(fh)
     with open(file, "w") as fh:
         json.dump({**cfg, **changes}, fh)
+    # As if PEFT had written the tensors: no jlora digests binding them to the old config.
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
 
 
 def test_load_names_missing_files(tmp_path):
@@ -476,7 +477,10 @@ def test_load_names_missing_files(tmp_path):
     [
         ({"peft_type": "IA3"}, r"peft_type is 'IA3'; expected 'LORA'"),
         ({"use_dora": True}, r"use_dora = True is not supported: DoRA"),
-        ({"modules_to_save": ["lm_head"]}, r"modules_to_save lists 'lm_head' but the file holds no"),
+        (
+            {"modules_to_save": ["lm_head"]},
+            r"modules_to_save lists 'lm_head' but the file holds no",
+        ),
         ({"bias": "all"}, r"bias = 'all' is not supported"),
         ({"r": "4"}, r"'r' is '4'; expected int"),
         ({"rank_pattern": {"embed": 2.5}}, r"'rank_pattern' is .*; expected a dict .* to integer"),

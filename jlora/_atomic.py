@@ -1,0 +1,220 @@
+"""Replacing a directory by a complete new one so that a kill at any moment loses nothing.
+
+``merge_checkpoint`` assembles its output in a scratch directory next to ``out``,
+``.<out>.jlora-merge-<pid>-<tag>``, which holds a journal (``journal.json``: the owning process's id,
+start time and host, the output's name, and a state). Replacing ``out`` is two renames:
+
+    state "swapping"  ->  out -> scratch/previous  ->  scratch/<new> -> out  ->  state "done"
+
+A kill can leave ``out`` missing between the renames, with the old checkpoint in ``previous`` and
+the new, complete one in the scratch directory. :func:`recover` repairs that: for a scratch
+directory whose owner is dead and whose journal says ``"swapping"`` it completes the swap (the new
+checkpoint is complete before that state is written), else it moves ``previous`` back; then it
+deletes the scratch directory. Scratch directories of dead owners in any other state (a merge
+killed while writing, or after the swap) are deleted too. A scratch directory is *provably* a dead
+merge's when its journal (or, before the journal exists, its name) gives a process id on this host
+that no longer runs, or now belongs to a process started at another time (a reused id). Those of
+live processes, or of other hosts, are left alone.
+
+The swap and the recovery hold an exclusive ``flock`` on ``out``'s parent directory, so a recovery
+never runs between another live merge's two renames. All this is for local file systems; on remote
+ones (``gs://``) the swap is the same two renames, without the lock and the liveness test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from etils import epath
+
+from ._dirs import is_local, lexists
+
+JOURNAL = "journal.json"
+PREVIOUS = "previous"
+_INFIX = ".jlora-merge-"
+_NAME = re.compile(r"^\.(?P<out>.+)\.jlora-merge-(?:(?P<pid>\d+)-)?(?P<tag>[0-9a-f]{12})$")
+
+
+def _start_time(pid: int) -> str | None:
+    # Field 22 of /proc/<pid>/stat: the process's start time since boot, in clock ticks.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return start is None or _start_time(pid) in (None, start)
+
+
+@dataclasses.dataclass
+class Scratch:
+    """A merge's scratch directory and its journal."""
+
+    path: epath.Path
+    out_name: str
+
+    @classmethod
+    def create(cls, out: epath.Path) -> Scratch:
+        """Makes ``.<out>.jlora-merge-<pid>-<tag>`` next to ``out`` and writes its journal."""
+        pid = os.getpid()
+        scratch = cls(out.parent / f".{out.name}{_INFIX}{pid}-{uuid.uuid4().hex[:12]}", out.name)
+        scratch.path.mkdir()
+        scratch.write_state("writing")
+        return scratch
+
+    def write_state(self, state: str, new: str | None = None) -> None:
+        """Records ``state`` (and the new checkpoint's path inside the scratch directory)."""
+        pid = os.getpid()
+        journal = {
+            "out": self.out_name,
+            "pid": pid,
+            "start": _start_time(pid),
+            "host": socket.gethostname(),
+            "state": state,
+            "new": new,
+        }
+        _write_atomically(self.path / JOURNAL, json.dumps(journal))
+
+    def remove(self) -> None:
+        self.path.rmtree(missing_ok=True)
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+    if not is_local(path):
+        path.write_text(text)
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.fspath(path)))
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(directory: epath.Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``directory`` (nothing where flock is unavailable)."""
+    fd = None
+    if is_local(directory):
+        try:
+            import fcntl
+
+            fd = os.open(os.fspath(directory), os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (OSError, ImportError):
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def swap(new: epath.Path, out: epath.Path, scratch: Scratch) -> None:
+    """Moves the complete checkpoint ``new`` (inside ``scratch``) to ``out``, recoverably."""
+    with locked(out.parent):
+        scratch.write_state("swapping", os.path.relpath(os.fspath(new), os.fspath(scratch.path)))
+        if lexists(out):
+            previous = scratch.path / PREVIOUS
+            out.rename(previous)
+            try:
+                new.rename(out)
+            except BaseException:
+                previous.rename(out)
+                raise
+        else:
+            new.rename(out)
+        if is_local(out):
+            _fsync_dir(os.fspath(out.parent))
+        scratch.write_state("done")
+
+
+def _journal(scratch: epath.Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((scratch / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _owner_dead(name_pid: str | None, journal: dict[str, Any] | None) -> bool:
+    if journal is not None:
+        if journal.get("host") != socket.gethostname() or not isinstance(journal.get("pid"), int):
+            return False
+        return not _alive(journal["pid"], journal.get("start"))
+    return name_pid is not None and not _alive(int(name_pid), None)
+
+
+def recover(out: epath.Path) -> list[str]:
+    """Repairs ``out`` after killed merges and deletes their scratch directories.
+
+    Returns:
+        One line per action taken (restored, completed, removed), for the caller to report.
+    """
+    parent = out.parent
+    if not is_local(out) or not parent.is_dir():
+        return []
+    actions = []
+    with locked(parent):
+        for scratch in sorted(parent.iterdir()):
+            match = _NAME.match(scratch.name)
+            if match is None or match["out"] != out.name or not scratch.is_dir():
+                continue
+            journal = _journal(scratch)
+            if journal is not None and journal.get("out") != out.name:
+                continue
+            legacy = match["pid"] is None and journal is None  # written before the journal
+            if legacy:
+                previous = scratch / PREVIOUS
+                if not lexists(out) and lexists(previous):
+                    previous.rename(out)
+                    actions.append(f"restored {out} from {previous} (an interrupted --overwrite)")
+                continue
+            if not _owner_dead(match["pid"], journal):
+                continue
+            state = (journal or {}).get("state")
+            if not lexists(out):
+                new = (
+                    scratch / journal["new"] if state == "swapping" and journal.get("new") else None
+                )
+                if new is not None and new.is_dir():
+                    new.rename(out)
+                    actions.append(f"completed the interrupted replacement of {out}")
+                elif lexists(scratch / PREVIOUS):
+                    (scratch / PREVIOUS).rename(out)
+                    actions.append(f"restored {out} from an interrupted replacement")
+            scratch.rmtree(missing_ok=True)
+            actions.append(f"removed {scratch}, left by a merge that did not finish")
+    return actions

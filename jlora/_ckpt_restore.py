@@ -1,0 +1,322 @@
+"""Restoring adapter checkpoints: the record, orbax's metadata and every array checked first.
+
+:func:`restore` reads the JSON record (validated by ``_ckpt_format.parse``), compares it with
+orbax's own metadata of the arrays, checks the base against the saved fingerprint and content
+digests, reads the arrays in their saved dtypes onto the shardings asked for, verifies each
+against its SHA-256 digest and (by default) for NaN/Inf, and only then casts to a target's dtypes
+and rebuilds the ``LoraFactors`` tree. Any orbax or tensorstore failure on the way is reported as
+one :class:`DamagedCheckpointError` naming the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from . import _ckpt_base, _digest, _dirs
+from . import _ckpt_format as fmt
+from ._ckpt_adapters import ARRAYS, PathLike, first_line, read_record, resolve
+from ._config import LoraConfig
+from ._errors import AdapterMismatchError, DamagedCheckpointError, NonFiniteError
+from ._extras import Trainable
+from ._factors import LoraFactors
+from ._merge import adapter_tables
+from ._paths import leaves_with_paths, nest
+
+
+def _sharding_table(
+    shardings: Any, paths: list[str], extras: list[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    if shardings is None:
+        return {}
+    if isinstance(shardings, jax.sharding.Sharding):
+        return dict.fromkeys([*paths, *extras], (shardings, shardings))
+    flat = dict(leaves_with_paths(shardings))
+    for path, leaf in flat.items():
+        if not isinstance(leaf, jax.sharding.Sharding):
+            raise TypeError(
+                f"shardings: {path} holds a {type(leaf).__name__}; expected a jax.sharding.Sharding"
+            )
+    table, used = {}, set()
+    for path in paths:
+        if path in flat:
+            table[path] = (flat[path], flat[path])
+            used.add(path)
+        elif f"{path}/a" in flat and f"{path}/b" in flat:
+            table[path] = (flat[f"{path}/a"], flat[f"{path}/b"])
+            used.update((f"{path}/a", f"{path}/b"))
+        else:
+            raise AdapterMismatchError(
+                f"{path}: shardings has no entry for this adapter; expected a sharding at {path} "
+                f"(both factors) or at {path}/a and {path}/b, for every adapter in the checkpoint"
+            )
+    for path in extras:
+        key = path if path in flat else f"{path}/value"
+        if key not in flat:
+            raise AdapterMismatchError(
+                f"{path}: shardings has no entry for this trainable extra; expected a sharding at "
+                f"{path} (or a jlora.Trainable holding one), for every extra in the checkpoint"
+            )
+        table[path] = (flat[key], flat[key])
+        used.add(key)
+    extra = [p for p in flat if p not in used]
+    if extra:
+        raise AdapterMismatchError(
+            f"{extra[0]}: shardings has an entry here but the checkpoint has no adapter at this "
+            f"path ({len(extra)} such entries); were the shardings made for other adapters?"
+        )
+    return table
+
+
+def _check_target(
+    target: Any,
+    records: dict[str, fmt.AdapterRecord],
+    extra_records: dict[str, fmt.ExtraRecord],
+    config: LoraConfig,
+) -> dict:
+    table, extras = adapter_tables(target)
+    for path in [*extra_records, *extras]:
+        if (path in extra_records) != (path in extras):
+            where = "the target but not the checkpoint" if path in extras else "the checkpoint only"
+            raise AdapterMismatchError(
+                f"{path}: a trainable extra at this path is in {where}. Was the target made with "
+                "another config? Build it with jax.eval_shape(jlora.init, key, params, config) "
+                "using the saved config"
+            )
+        found = tuple(extras[path].value.shape)
+        if found != extra_records[path].shape:
+            raise AdapterMismatchError(
+                f"{path}: the target's trainable extra has shape {found} but the checkpoint holds "
+                f"{extra_records[path].shape}; make the target from the base the adapters were "
+                "saved for"
+            )
+    differing = [p for p in [*records, *table] if (p in records) != (p in table)]
+    if differing:
+        path = differing[0]
+        where = "the target but not the checkpoint" if path in table else "the checkpoint only"
+        raise AdapterMismatchError(
+            f"{path}: an adapter at this path is in {where} ({len(differing)} differing paths). "
+            "Was the target made with another config? Build it with jax.eval_shape(jlora.init, "
+            "key, params, config) using the saved config"
+        )
+    for path, f in table.items():
+        r = records[path]
+        found = (tuple(f.a.shape), tuple(f.b.shape), f.layout)
+        if found != (r.a_shape, r.b_shape, r.layout):
+            raise AdapterMismatchError(
+                f"{path}: the target has a {found[0]}, b {found[1]}, {found[2]} but the checkpoint "
+                f"holds a {r.a_shape}, b {r.b_shape}, {r.layout}; make the target with the saved "
+                "config (its ranks and layouts)"
+            )
+        if abs(f.scale - config.scale_for(path)) > 1e-9 * abs(f.scale):
+            raise AdapterMismatchError(
+                f"{path}: the target has scale {f.scale} but the saved config gives "
+                f"{config.scale_for(path)}; make the target with the saved config"
+            )
+    return {**table, **extras}
+
+
+def restore(
+    directory: PathLike,
+    *,
+    step: int | None = None,
+    target: Any | None = None,
+    shardings: Any | None = None,
+    base: Any | None = None,
+    base_digest: bool = True,
+    check_finite: bool = True,
+) -> tuple[dict[str, Any], LoraConfig]:
+    """Restores adapters and their config from a checkpoint written by :func:`save`.
+
+    The adapter tree is rebuilt from the saved structure (``scale`` from the saved config, layouts
+    from the saved record, trainable extras as :class:`jlora.Trainable` with their saved values
+    and dtypes, bit for bit), or checked against ``target`` when one is given. Arrays land on the
+    shardings asked for: ``shardings``, else the target leaves' ``.sharding``, else the first local
+    device.
+
+    Args:
+        directory: a checkpoint, or a root of ``<step>/`` checkpoints (the latest is read).
+        step: read ``directory/<step>/``.
+        target: an abstract adapter tree (``jax.eval_shape(jlora.init, key, params, config)``);
+            its dtypes are used (a cast on restore) and its structure must match the checkpoint.
+        shardings: a ``jax.sharding.Sharding`` for every factor, or a tree with one sharding per
+            adapter path, or one per factor (``{path: {"a": ..., "b": ...}}``, or ``LoraFactors``
+            nodes holding shardings, as :func:`jlora.sharding.factor_shardings` returns), and one
+            per trainable extra (at its path, or in a ``jlora.Trainable``).
+        base: base parameters (arrays or ``jax.ShapeDtypeStruct``) to check the adapters against:
+            the saved fingerprint (if any) must match, and every adapter must fit its weight.
+        base_digest: with ``base`` holding values, also compare them with the content digests
+            saved with the checkpoint (one pass over the base; False checks shapes only).
+        check_finite: refuse factors or extras holding NaN or infinite values (adapters are
+            small, so this is cheap).
+
+    Returns:
+        ``(adapters, config)``.
+
+    Every array is checked against the SHA-256 digest recorded when it was saved (checkpoints
+    written before jlora recorded digests restore unverified).
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``directory`` (or for ``step``).
+        AdapterMismatchError: ``base`` differs from the saved fingerprint or content digests (the
+            message names the first differing path), or ``target``/``shardings`` do not match the
+            checkpoint.
+        DamagedCheckpointError: a file of the checkpoint is missing, truncated or corrupt, or an
+            array differs from its recorded digest (a ``ValueError``).
+        NonFiniteError: a factor or extra holds NaN or Inf values (``check_finite``).
+        ValueError: the directory is not a jlora adapter checkpoint, or of a newer format.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, numpy as np, jlora
+        >>> from jlora import checkpoint
+        >>> params = {"w": jnp.ones((8, 8))}
+        >>> config = jlora.LoraConfig(targets="w", rank=2)
+        >>> adapters = jlora.init(jax.random.key(0), params, config)
+        >>> path = checkpoint.save(tempfile.mkdtemp() + "/adapter", adapters, config)
+        >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
+        >>> on_x = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+        >>> replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        >>> restored, _ = checkpoint.restore(path, shardings={"w": {"a": on_x, "b": replicated}})
+        >>> restored["w"].a.sharding == on_x, restored["w"].b.sharding == replicated
+        (True, True)
+    """
+    path = resolve(_dirs.absolute(directory), step)
+    rec = fmt.parse(read_record(path), str(path))
+    config, records, extra_records = rec.config, rec.adapters, rec.extras
+    if base is not None and rec.base is not None:
+        _ckpt_base.check_fingerprint(rec.base, base)
+        if base_digest:
+            _ckpt_base.check_digests(rec.base_digests, base)
+    wanted = _check_target(target, records, extra_records, config) if target is not None else {}
+    placement = _sharding_table(shardings, list(records), list(extra_records))
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(path: str, name: str, shape: tuple[int, ...], dtype: str) -> Any:
+        # Read in the saved dtype (the digest is of those bytes); a target's dtype is a cast after.
+        leaf = getattr(wanted[path], name) if path in wanted else None
+        sharding = placement.get(path, (None, None))[name == "b"]
+        if sharding is None:
+            sharding = getattr(leaf, "sharding", None) or default
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            from .sharding import check_divides
+
+            check_divides(f"{path}/{name}", shape, sharding.spec, sharding.mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    item = nest(
+        {
+            **{
+                p: {
+                    "a": abstract(p, "a", r.a_shape, r.a_dtype),
+                    "b": abstract(p, "b", r.b_shape, r.b_dtype),
+                }
+                for p, r in records.items()
+            },
+            **{p: abstract(p, "value", r.shape, r.dtype) for p, r in extra_records.items()},
+        }
+    )
+    _check_array_metadata(path, records, extra_records)
+    failure = None
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            arrays = checkpointer.restore(
+                path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(item)})
+            )[ARRAYS]
+    except Exception as e:
+        failure = f"{type(e).__name__}: {first_line(e)}"
+    if failure is not None:  # raised here, so orbax's traceback (and its frames) are freed now
+        raise DamagedCheckpointError(
+            f"the checkpoint at {path} is damaged: its arrays ({path / ARRAYS}) cannot be read "
+            f"({failure}). A file is missing, truncated or corrupt; restore an intact copy, or "
+            "save the adapters again"
+        )
+    flat = dict(leaves_with_paths(arrays))
+    _verify(path, flat, records, extra_records, rec.digests, check_finite)
+
+    def cast(p: str, name: str, key: str) -> Any:
+        x = flat[key]
+        leaf = getattr(wanted[p], name) if p in wanted else None
+        return x if leaf is None or leaf.dtype == x.dtype else x.astype(leaf.dtype)
+
+    table = {
+        p: LoraFactors(
+            cast(p, "a", f"{p}/a"), cast(p, "b", f"{p}/b"), config.scale_for(p), r.layout
+        )
+        for p, r in records.items()
+    }
+    extras = {p: Trainable(cast(p, "value", p)) for p in extra_records}
+    if base is not None:
+        fmt.check_base_fit(table, base, extras)
+    return nest({**table, **extras}), config
+
+
+def _check_array_metadata(
+    path: epath.Path,
+    records: dict[str, fmt.AdapterRecord],
+    extra_records: dict[str, fmt.ExtraRecord],
+) -> None:
+    """Compares the record with orbax's own metadata of the arrays before reading any data."""
+    failure = None
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        metadata = handler.metadata(path / ARRAYS)
+        found = {
+            p: (tuple(m.shape), fmt.dtype_name(m.dtype))
+            for p, m in leaves_with_paths(getattr(metadata, "tree", metadata))
+        }
+    except Exception as e:
+        failure = f"{type(e).__name__}: {first_line(e)}"
+    finally:
+        handler.close()
+    if failure is not None:
+        raise DamagedCheckpointError(
+            f"the checkpoint at {path} is damaged: the metadata of its arrays ({path / ARRAYS}) "
+            f"cannot be read ({failure}). Restore an intact copy, or save the adapters again"
+        )
+    expected = {f"{p}/{n}": (getattr(r, f"{n}_shape"), getattr(r, f"{n}_dtype"))
+                for p, r in records.items() for n in ("a", "b")}  # fmt: skip
+    expected.update({p: (r.shape, r.dtype) for p, r in extra_records.items()})
+    for key in [*expected, *found]:
+        if expected.get(key) != found.get(key):
+
+            def show(entry: Any) -> str:
+                return "nothing" if entry is None else f"shape {entry[0]} {entry[1]}"
+
+            raise DamagedCheckpointError(
+                f"the checkpoint at {path} is damaged: its record (jlora/metadata) gives {key} "
+                f"{show(expected.get(key))} but its arrays hold {show(found.get(key))}; the "
+                "record and the arrays come from different saves. Restore an intact copy, or save "
+                "the adapters again"
+            )
+
+
+def _verify(
+    path: epath.Path,
+    flat: dict[str, Any],
+    records: dict[str, fmt.AdapterRecord],
+    extra_records: dict[str, fmt.ExtraRecord],
+    digests: dict[str, dict[str, str]],
+    check_finite: bool,
+) -> None:
+    """Checks restored arrays against their recorded digests, and (optionally) for NaN/Inf."""
+    keys = [(p, n, f"{p}/{n}") for p in records for n in ("a", "b")]
+    keys += [(p, "value", p) for p in extra_records]
+    for p, name, key in keys:
+        expected = digests.get(p, {}).get(name)
+        if expected is not None and _digest.array_digest(flat[key]) != expected:
+            raise DamagedCheckpointError(
+                f"the checkpoint at {path} is damaged: {key} differs from the SHA-256 digest "
+                "recorded when it was saved (orbax checksums its index, not the array data). "
+                "Restore an intact copy, or save the adapters again"
+            )
+        if check_finite:
+            bad = _digest.count_nonfinite(flat[key])
+            if bad:
+                raise NonFiniteError(
+                    f"{key}: the checkpoint at {path} holds {bad} NaN or infinite values here; "
+                    "merging would put NaN/Inf into the model. Were they saved from a diverged "
+                    "run? Pass check_finite=False to restore them anyway"
+                )

@@ -1,0 +1,544 @@
+"""Bad input, damaged files and non-finite values: a clear error (or the right result), never a
+silently wrong model. One test per class of input from issue 12."""
+
+import gc
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from test_checkpoint import CONFIG, _adapters, _params, _save_base
+from trees import transformer_params
+
+import jlora
+import jlora.nnx
+from jlora import AdapterMismatchError, ConfigError, LoraConfig, TargetError, checkpoint, ops
+from jlora import peft as jpeft
+from jlora.__main__ import main
+from jlora._errors import DamagedCheckpointError, NonFiniteError
+from jlora.optim import lora_plus, scale_by_lora_plus
+from jlora.peft import PeftFormatError
+
+# When orbax fails to read a damaged checkpoint it leaves tensorstore reads in flight; their
+# callbacks later find orbax's event loop closed ("Exception ignored ... Event loop is closed" on
+# stderr, after jlora's error). Tests that read damaged files let them finish before they end.
+reads_damaged_files = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+def settle():
+    yield
+    time.sleep(0.5)
+    gc.collect()
+
+
+def _factors(a, b, scale=1.0):
+    return jlora.LoraFactors(jnp.asarray(a), jnp.asarray(b), scale, jlora.Layout(1, 1))
+
+
+# --- configs and values --------------------------------------------------------------------
+
+
+def test_an_integer_weight_cannot_be_targeted_or_merged():
+    params = {"w": jnp.ones((4, 3), jnp.int32), "v": jnp.ones((4, 3))}
+    with pytest.raises(TargetError, match=r"^w: targeted a weight of dtype int32; LoRA adapts"):
+        jlora.init(jax.random.key(0), params, LoraConfig(targets="w", rank=1))
+    with pytest.warns(jlora.SkippedTargetsWarning, match=r"w: targeted a weight of dtype int32"):
+        adapters = jlora.init(
+            jax.random.key(0), params, LoraConfig(targets="w|v", rank=1, strict=False)
+        )
+    assert list(adapters) == ["v"]
+    hand_made = {"w": _factors(np.ones((4, 1)), np.ones((1, 3)))}
+    with pytest.raises(AdapterMismatchError, match=r"^w: the weight has dtype int32, not floating"):
+        jlora.merge(params, hand_made)
+
+
+def test_a_key_with_a_slash_cannot_share_a_path_with_a_nested_leaf():
+    params = {"a/b": jnp.ones((4, 3)), "a": {"b": jnp.zeros((4, 3))}}
+    with pytest.raises(TargetError, match=r"^a/b: two leaves of the parameter tree have this"):
+        jlora.init(jax.random.key(0), params, LoraConfig(targets="a/b", rank=1))
+    with pytest.raises(AdapterMismatchError, match=r"^a/b: two leaves of the parameters have"):
+        jlora.merge(params, {"a": {"b": _factors(np.ones((4, 1)), np.ones((1, 3)))}})
+    # Without a collision a key holding '/' works as before.
+    alone = {"a/b": jnp.zeros((4, 3))}
+    merged = jlora.merge(alone, {"a": {"b": _factors(np.ones((4, 1)), np.ones((1, 3)))}})
+    np.testing.assert_array_equal(merged["a/b"], np.ones((4, 3)))
+
+
+def test_an_adapted_nnx_layer_keeps_its_term_for_integer_inputs():
+    layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    jlora.nnx.lora(layer, LoraConfig(targets="kernel", rank=1), rngs=nnx.Rngs(1))
+    layer.lora_b[...] = jnp.ones((1, 2))  # a trained-looking, non-zero term
+    x = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+    with jax.numpy_dtype_promotion("standard"):  # nnx.Linear promotes int inputs itself
+        got = layer(x)
+        expected = layer(x.astype(jnp.float32))
+    np.testing.assert_array_equal(got, expected)  # exact: the same program on equal inputs
+    merged = jlora.nnx.merge(layer, copy=True)(x.astype(jnp.float32))
+    assert float(jnp.abs(expected - merged).max()) < 1e-5
+    with pytest.raises(TypeError, match=r"dense_branch: the input has dtype int32; the factors"):
+        ops.dense_branch(x, _factors(np.ones((3, 1)), np.ones((1, 2))))
+
+
+def test_nnx_bias_target_names_what_can_be_adapted():
+    model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    with pytest.raises(
+        TargetError,
+        match=r"the targets select the 'bias' of nnx.Linear .* \(only its 'kernel' can be adapted\)",
+    ):
+        jlora.nnx.lora(model, LoraConfig(targets=".*bias", rank=1), rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("ratio", [float("inf"), np.float32("nan"), 1j])
+def test_lora_plus_refuses_non_finite_ratios(ratio):
+    with pytest.raises(ValueError, match=r"LoRA\+ ratio .* is invalid; expected a number > 0"):
+        lora_plus(optax.sgd(0.1), ratio)
+    assert scale_by_lora_plus(np.float32(4.0)) is not None  # NumPy scalars are numbers too
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 2j, np.complex64(1), True, "2"])
+def test_factors_refuse_a_scale_that_is_not_a_finite_real(scale):
+    with pytest.raises(ConfigError, match=r"LoraFactors: scale .* is not a finite real number"):
+        _factors(np.ones((3, 1)), np.ones((1, 2)), scale)
+    assert _factors(np.ones((3, 1)), np.ones((1, 2)), np.float32(0.5)).scale == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": np.complex128(2)}, r"alpha .* is not a number; expected a real float > 0 \(a"),
+        ({"alpha": 2j}, r"read as its real part"),
+        ({"alpha_pattern": {"w": np.complex64(1)}}, r"alpha_pattern\['w'\]: alpha .* real float"),
+        ({"layouts": ["io"]}, r"LoraConfig.layouts: got \['io'\]; expected a mapping"),
+        ({"rank_pattern": ["w2"]}, r"LoraConfig.rank_pattern: got \['w2'\]; expected a mapping"),
+        ({"dropout": np.float32(1.5)}, r"dropout: np.float32\(1.5\) is invalid; expected a rate"),
+    ],
+)
+def test_config_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LoraConfig(targets="w", **kwargs)
+
+
+def test_numpy_scalars_are_valid_config_values():
+    config = LoraConfig(targets="w", dropout=np.float32(0.5), alpha=np.float64(4), rank=np.int64(2))
+    assert (config.dropout, config.alpha, config.rank) == (0.5, 4.0, 2)
+    assert LoraConfig(targets="w", layouts=(("w", "io"),)).layout_for("w") == "io"
+
+
+# --- finiteness ----------------------------------------------------------------------------
+
+
+def test_in_memory_merge_can_check_finiteness():
+    params = {"w": jnp.ones((2, 2), jnp.bfloat16)}
+    huge = {"w": _factors(np.full((2, 1), 1e20), np.full((1, 2), 1e20))}  # overflows bfloat16
+    assert not np.isfinite(np.asarray(jlora.merge(params, huge)["w"], np.float32)).any()
+    with pytest.raises(NonFiniteError, match=r"^w: the merged weight holds 4 NaN or infinite"):
+        jlora.merge(params, huge, check_finite=True)
+    with pytest.raises(TypeError, match=r"check_finite=True\) reads the merged values"):
+        jax.jit(lambda p: jlora.merge(p, huge, check_finite=True))(params)
+    nan_base = {"w": jnp.array([[np.nan, 1.0], [1.0, 1.0]])}
+    fine = {"w": _factors(np.ones((2, 1)), np.ones((1, 2)))}
+    jlora.merge(nan_base, fine, check_finite=True)  # NaN already in the base: not merge's doing
+
+
+def test_restore_refuses_nan_factors(tmp_path):
+    params = _params()
+    bad = jax.tree.map(np.array, _adapters(params))
+    bad["stacked"].a[0, 0, 0] = np.nan
+    checkpoint.save(tmp_path / "ckpt", bad, CONFIG)
+    with pytest.raises(NonFiniteError, match=r"^stacked/a: the checkpoint at .* holds 1 NaN"):
+        checkpoint.restore(tmp_path / "ckpt")
+    restored, _ = checkpoint.restore(tmp_path / "ckpt", check_finite=False)
+    assert np.isnan(restored["stacked"].a).sum() == 1
+
+
+def test_merge_checkpoint_refuses_an_overflow_before_writing(tmp_path):
+    params = {"w": np.ones((4, 3), ml_dtypes.bfloat16), "v": np.ones((4, 3), np.float32)}
+    config = LoraConfig(targets="w|v", rank=1, alpha=1.0)
+    adapters = {
+        "w": _factors(np.full((4, 1), 1e20, np.float32), np.full((1, 3), 1e20, np.float32)),
+        "v": _factors(np.ones((4, 1), np.float32), np.ones((1, 3), np.float32)),
+    }
+    _save_base(tmp_path / "base", params)
+    checkpoint.save(tmp_path / "adapter", adapters, config)
+    with pytest.raises(NonFiniteError, match=r"^w: merging gives 12 NaN or infinite values"):
+        checkpoint.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]
+    checkpoint.merge_checkpoint(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", check_finite=False
+    )
+
+
+def test_peft_load_refuses_nan_tensors(tmp_path):
+    params = transformer_params()
+    config = LoraConfig(targets=".*attn/query/kernel", rank=2)
+    adapters = jax.tree.map(np.array, jlora.init(jax.random.key(0), params, config))
+    adapters["layers_0"]["attn"]["query"]["kernel"].b[0, 0] = np.inf
+    jpeft.save(tmp_path, adapters, config)
+    with pytest.raises(
+        NonFiniteError, match=r"tensor 'base_model.model.layers_0.attn.query.lora_B"
+    ):
+        jpeft.load(tmp_path, params)
+    loaded, _ = jpeft.load(tmp_path, params, check_finite=False)
+    assert np.isinf(loaded["layers_0"]["attn"]["query"]["kernel"].b).sum() == 1
+
+
+# --- digests: damaged arrays and another base --------------------------------------------------
+
+
+def test_restore_detects_arrays_from_another_save(tmp_path):
+    params = _params()
+    checkpoint.save(tmp_path / "one", _adapters(params, seed=1), CONFIG)
+    checkpoint.save(tmp_path / "two", _adapters(params, seed=2), CONFIG)
+    shutil.rmtree(tmp_path / "one" / "adapters")
+    shutil.copytree(tmp_path / "two" / "adapters", tmp_path / "one" / "adapters")
+    with pytest.raises(
+        DamagedCheckpointError,
+        match=r"^the checkpoint at .*one is damaged: embed/embedding/a differs from the SHA-256",
+    ):
+        checkpoint.restore(tmp_path / "one")
+
+
+@reads_damaged_files
+def test_bit_flips_in_array_data_never_restore_silently(settle, tmp_path):
+    params = _params()
+    adapters = _adapters(params)
+    checkpoint.save(tmp_path / "ckpt", adapters, CONFIG)
+    data = sorted(
+        (
+            p
+            for p in (tmp_path / "ckpt" / "adapters").rglob("*")
+            if p.is_file() and p.parent.name == "d"
+        ),
+        key=lambda p: p.stat().st_size,
+    )[-1]
+    original = data.read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for position in rng.choice(len(original), size=12, replace=False):
+        flipped = bytearray(original)
+        flipped[position] ^= 1 << int(rng.integers(8))
+        data.write_bytes(bytes(flipped))
+        try:
+            restored, _ = checkpoint.restore(tmp_path / "ckpt")
+        except DamagedCheckpointError as e:
+            assert str(e).startswith(f"the checkpoint at {tmp_path / 'ckpt'} is damaged: ")
+            outcomes.append("refused")
+            continue
+        # Restored: then it must be exactly what was saved (a flip in unused bytes).
+        for path, f in jlora._merge.factors_by_path(adapters).items():
+            g = jlora._merge.factors_by_path(restored)[path]
+            np.testing.assert_array_equal(g.a, f.a)
+            np.testing.assert_array_equal(g.b, f.b)
+        outcomes.append("intact")
+    data.write_bytes(original)
+    assert outcomes.count("refused") >= 6, outcomes
+
+
+def test_another_base_of_the_same_shapes_is_refused(tmp_path):
+    params = _params(seed=0)
+    other = _params(seed=1)  # same architecture, other values
+    adapters = _adapters(params)
+    checkpoint.save(tmp_path / "adapter", adapters, CONFIG, base=params)
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^embed/embedding: the base given has the same shape and dtype but other values "
+        r"than the base the adapters were saved for \(its content digest differs\) \(\d+ differing",
+    ):
+        checkpoint.restore(tmp_path / "adapter", base=other)
+    checkpoint.restore(tmp_path / "adapter", base=other, base_digest=False)
+    checkpoint.restore(tmp_path / "adapter", base=params)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), other)
+    checkpoint.restore(tmp_path / "adapter", base=abstract)  # shapes only: nothing to hash
+    _save_base(tmp_path / "other", other)
+    with pytest.raises(
+        AdapterMismatchError, match=r"^embed/embedding: the base given has the same"
+    ):
+        checkpoint.merge_checkpoint(tmp_path / "other", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    checkpoint.merge_checkpoint(
+        tmp_path / "other", tmp_path / "adapter", tmp_path / "out", base_digest=False
+    )
+    record = json.loads((tmp_path / "adapter" / "jlora" / "metadata").read_text())
+    assert set(record["base_digests"]) == {p for p, _, _ in record["base"]}
+    checkpoint.save(tmp_path / "no_digest", adapters, CONFIG, base=params, base_digest=False)
+    record = json.loads((tmp_path / "no_digest" / "jlora" / "metadata").read_text())
+    assert "base_digests" not in record and record["base"]
+
+
+# --- damaged or hostile records --------------------------------------------------------------
+
+
+def _edit_record(path, edit):
+    file = path / "jlora" / "metadata"
+    record = json.loads(file.read_text())
+    edit(record)
+    file.write_text(json.dumps(record))
+
+
+def _set(record, keys, value):
+    node = record
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "match"),
+    [
+        (("adapters", "stacked", "a", "dtype"), "int8", r"factor a dtype 'int8' is not a floating"),
+        (("adapters", "stacked", "layout", "fan_in_ndim"), 0, r"needs fan_in_ndim and fan_out"),
+        (("adapters", "stacked", "layout", "fan_in_ndim"), 2, r"do not fit its layout"),
+        (
+            ("adapters", "stacked", "b", "shape"),
+            [3, 3, 17],
+            r"record \(jlora/metadata\) gives stacked/b shape \(3, 3, 17\) float32 but its "
+            r"arrays hold shape \(3, 3, 16\) float32",
+        ),
+        (
+            ("adapters", "stacked", "a", "shape"),
+            [3, 8, 4],
+            r"factors a \(3, 8, 4\), b \(3, 3, 16\)",
+        ),
+        (("trainable",), {"x": {"shape": [2], "dtype": "int32"}}, r"trainable 'x' dtype 'int32'"),
+        (("adapters",), [], r"'adapters' is \[\]; expected a dict"),
+        (("config", "rank"), -1, r"rank -1 is invalid"),
+    ],
+)
+def test_a_damaged_record_names_the_checkpoint(tmp_path, keys, value, match):
+    params = _params()
+    checkpoint.save(tmp_path / "ckpt", _adapters(params), CONFIG)
+    _edit_record(tmp_path / "ckpt", lambda record: _set(record, keys, value))
+    prefix = rf"^the checkpoint at {tmp_path / 'ckpt'} is damaged: "
+    with pytest.raises(DamagedCheckpointError, match=prefix + ".*" + match):
+        checkpoint.restore(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("content", ["", "{", "\x00" * 64])
+def test_an_unreadable_record_names_its_file(tmp_path, content):
+    params = _params()
+    checkpoint.save(tmp_path / "ckpt", _adapters(params), CONFIG)
+    (tmp_path / "ckpt" / "jlora" / "metadata").write_text(content)
+    record = tmp_path / "ckpt" / "jlora" / "metadata"
+    with pytest.raises(DamagedCheckpointError, match=rf"damaged: its record {record} cannot be"):
+        checkpoint.restore(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_manifest", "zero"])
+@reads_damaged_files
+def test_damaged_array_files_name_the_checkpoint(settle, tmp_path, damage):
+    params = _params()
+    checkpoint.save(tmp_path / "ckpt", _adapters(params), CONFIG)
+    arrays = tmp_path / "ckpt" / "adapters"
+    files = [p for p in arrays.rglob("*") if p.is_file() and p.parent.name == "d"]
+    if damage == "delete_manifest":
+        (arrays / "manifest.ocdbt").unlink()
+    for file in files:
+        size = file.stat().st_size
+        if damage == "truncate":
+            file.write_bytes(file.read_bytes()[: size // 2])
+        elif damage == "zero":
+            file.write_bytes(b"\0" * size)
+    with pytest.raises(DamagedCheckpointError) as info:
+        checkpoint.restore(tmp_path / "ckpt")
+    message = str(info.value)
+    assert message.startswith(f"the checkpoint at {tmp_path / 'ckpt'} is damaged: ")
+    assert len(message) < 700  # one line, not tensorstore's JSON spec
+
+
+@reads_damaged_files
+def test_a_damaged_base_names_the_checkpoint(settle, tmp_path):
+    params = _params()
+    _save_base(tmp_path / "base", params)
+    checkpoint.save(tmp_path / "adapter", _adapters(params), CONFIG)
+    for file in (tmp_path / "base").rglob("*"):
+        if file.is_file() and file.parent.name == "d":
+            file.write_bytes(b"\0" * file.stat().st_size)
+    with pytest.raises(DamagedCheckpointError, match=rf"^the checkpoint at {tmp_path / 'base'} is"):
+        checkpoint.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]
+
+
+def test_relative_paths_save_and_restore(tmp_path, monkeypatch):
+    params = _params()
+    adapters = _adapters(params)
+    monkeypatch.chdir(tmp_path)
+    path = checkpoint.save("rel", adapters, CONFIG, step=2)
+    assert path == tmp_path / "rel" / "2"
+    restored, _ = checkpoint.restore("rel")
+    np.testing.assert_array_equal(restored["stacked"].a, adapters["stacked"].a)
+    assert sorted(os.listdir(tmp_path / "rel")) == ["2"]
+
+
+def test_group_mib_must_be_positive(capsys):
+    for value in ("-1", "0", "nan", "inf", "x"):
+        with pytest.raises(SystemExit) as info:
+            main(["merge", "--base", "b", "--adapter", "a", "--out", "o", "--group-mib", value])
+        assert info.value.code == 2
+        assert "is not a positive number of MiB" in capsys.readouterr().err
+
+
+# --- PEFT files --------------------------------------------------------------------------------
+
+
+def _peft_saved(directory, seed=1, alpha=6.0):
+    params = transformer_params()
+    config = LoraConfig(targets=".*attn/(query|value)/kernel", rank=2, alpha=alpha)
+    shapes = jax.eval_shape(lambda: jlora.init(jax.random.key(0), params, config))
+    rng = np.random.default_rng(seed)
+    adapters = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), shapes)
+    jpeft.save(directory, adapters, config)
+    return params, adapters, config
+
+
+def _edit_json(file, **changes):
+    data = json.loads(file.read_text())
+    file.write_text(json.dumps({**data, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"alpha_pattern": {"q(": 4}}, r"alpha_pattern key 'q\(' is not a valid regular expr"),
+        ({"rank_pattern": {"[": 2}}, r"rank_pattern key '\[' is not a valid regular expression"),
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights = 'pissa' is not supported: that"),
+        ({"init_lora_weights": "olora"}, r"residual base"),
+        ({"init_lora_weights": "loftq"}, r"residual base"),
+        ({"init_lora_weights": "pissa_niter_4"}, r"residual base"),
+    ],
+)
+def test_peft_configs_that_would_load_wrongly_are_refused(tmp_path, changes, match):
+    params, _, _ = _peft_saved(tmp_path)
+    _edit_json(tmp_path / "adapter_config.json", **changes)
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})  # as PEFT writes it
+    with pytest.raises(PeftFormatError, match=match):
+        jpeft.load(tmp_path, params)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", None])
+def test_peft_initialisations_that_keep_the_base_load(tmp_path, init):
+    params, adapters, _ = _peft_saved(tmp_path)
+    _edit_json(tmp_path / "adapter_config.json", init_lora_weights=init)
+    loaded, _ = jpeft.load(tmp_path, params)
+    path = "layers_0/attn/query/kernel"
+    np.testing.assert_array_equal(
+        jlora._merge.factors_by_path(loaded)[path].a, jlora._merge.factors_by_path(adapters)[path].a
+    )
+
+
+def test_a_peft_pair_from_two_saves_is_refused(tmp_path):
+    params, _, _ = _peft_saved(tmp_path / "one", seed=1, alpha=6.0)
+    _peft_saved(tmp_path / "two", seed=2, alpha=3.0)
+    shutil.copy(tmp_path / "two" / "adapter_config.json", tmp_path / "one")
+    with pytest.raises(
+        PeftFormatError,
+        match=r"one: adapter_model.safetensors was written with another adapter_config.json",
+    ):
+        jpeft.load(tmp_path / "one", params)
+    # Descriptive keys may be edited by hand.
+    _peft_saved(tmp_path / "three")
+    _edit_json(tmp_path / "three" / "adapter_config.json", base_model_name_or_path="/local/x")
+    jpeft.load(tmp_path / "three", params)
+
+
+def test_a_save_killed_between_its_renames_is_completed(tmp_path):
+    params, _, _ = _peft_saved(tmp_path, seed=1, alpha=6.0)
+    # What a kill between the two renames leaves: the new tensors in place, the new config staged.
+    _peft_saved(tmp_path / "new", seed=2, alpha=3.0)
+    shutil.copy(tmp_path / "new" / "adapter_model.safetensors", tmp_path)
+    shutil.copy(tmp_path / "new" / "adapter_config.json", tmp_path / ".adapter_config.json.k1.tmp")
+    (tmp_path / ".adapter_config.json.k2.tmp").write_text('{"half written')
+    loaded, config = jpeft.load(tmp_path, params)
+    assert config.alpha == 3.0
+    np.testing.assert_array_equal(
+        loaded["layers_1"]["attn"]["value"]["kernel"].b,
+        jpeft.load(tmp_path / "new", params)[0]["layers_1"]["attn"]["value"]["kernel"].b,
+    )
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 3
+    _peft_saved(tmp_path, seed=3)  # the next save removes what is left staged
+    assert sorted(os.listdir(tmp_path)) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "new",
+    ]
+
+
+def test_damaged_peft_tensors_are_refused(tmp_path):
+    params, _, _ = _peft_saved(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    with open(weights, "rb") as fh:
+        header = fh.read(8)
+    data = bytearray(weights.read_bytes())
+    data[8 + int.from_bytes(header, "little") + 5] ^= 0x10  # one bit of tensor data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PeftFormatError, match=r"adapter_model.safetensors: the file is damaged"):
+        jpeft.load(tmp_path, params)
+
+
+def test_checkpoint_and_merge_read_bfloat16_and_float32_records(tmp_path):
+    # The record's dtype check accepts every floating dtype jlora writes.
+    params = _params()
+    config = LoraConfig(**{**CONFIG.to_dict(), "dtype": "bfloat16"})
+    adapters = jax.tree.map(lambda x: np.asarray(x, ml_dtypes.bfloat16), _adapters(params))
+    checkpoint.save(tmp_path / "ckpt", adapters, config, base=params)
+    restored, _ = checkpoint.restore(tmp_path / "ckpt", base=params)
+    assert restored["stacked"].a.dtype == jnp.bfloat16
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "base", params)
+    checkpoint.merge_checkpoint(tmp_path / "base", tmp_path / "ckpt", tmp_path / "out")
+
+
+# --- shardings ---------------------------------------------------------------------------------
+
+
+def test_merge_names_adapters_on_another_mesh():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = np.array(jax.devices())
+    first, second = Mesh(devices[:4], ("x",)), Mesh(devices[4:], ("x",))
+    params = {"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(first, P("x", None)))}
+    adapters = jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(second, P())),
+        {"w": _factors(np.ones((8, 2), np.float32), np.ones((2, 4), np.float32))},
+    )
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^w: the weight is on devices \[0, 1, 2, 3\] but its adapter's factors are on "
+        r"\[4, 5, 6, 7\] \(a\)",
+    ):
+        jlora.merge(params, adapters)
+
+
+def test_factor_specs_that_do_not_divide_their_axis_are_refused(tmp_path):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jlora.sharding
+
+    mesh = Mesh(np.array(jax.devices()[:3]), ("x",))
+    adapters = {"w": _factors(np.ones((8, 2), np.float32), np.ones((2, 4), np.float32))}
+    match = r"^w: factor b: PartitionSpec P\(None, 'x'\) splits axis 1 of shape \(2, 4\) into 3"
+    with pytest.raises(AdapterMismatchError, match=match):
+        jlora.sharding.factor_shardings(adapters, {"w": P(None, "x")}, mesh)
+    with pytest.raises(AdapterMismatchError, match=match):
+        jlora.sharding.check_factor_shardings(adapters, {"w": {"a": P(), "b": P(None, "x")}}, mesh)
+    config = LoraConfig(targets="w", rank=2, alpha=2.0)
+    checkpoint.save(tmp_path / "ckpt", adapters, config)
+    with pytest.raises(AdapterMismatchError, match=r"^w/b: PartitionSpec P\(None, 'x'\) splits"):
+        checkpoint.restore(
+            tmp_path / "ckpt",
+            shardings={
+                "w": {"a": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P(None, "x"))}
+            },
+        )
