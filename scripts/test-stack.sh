@@ -80,10 +80,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
   echo "[$leg] installed in $((SECONDS - start)) s"
 fi
 "$venv/bin/python" -m pip list --format=freeze 2>/dev/null |
-  grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|numpy|safetensors|tqdm|pytest|hypothesis|scikit-learn|matplotlib)==' |
+  grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|numpy|safetensors|tqdm|pytest|pytest-xdist|hypothesis|scikit-learn|matplotlib)==' |
   paste -sd' ' | sed "s/^/[$leg] Python $pyver: /"
 start=$SECONDS
 status=0
-"$venv/bin/python" -m pytest "$@" || status=$?
+"$venv/bin/python" -m pytest -n "${JLORA_TEST_WORKERS:-2}" "$@" || status=$?
 echo "[$leg] tests took $((SECONDS - start)) s"
 exit "$status"
