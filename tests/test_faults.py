@@ -44,10 +44,22 @@ def _load(path):
 
 
 def _same_tree(got, expected):
+    """Whether ``got`` is ``expected`` to float32 round-off.
+
+    Child processes compile without the tests' XLA settings (conftest), so a merge they wrote is
+    another program than the in-memory one: equal to round-off, not bit for bit. Results of
+    different adapters (the old and the new state) differ by O(1), far above this bound.
+    """
     flat_got = dict(jlora._paths.leaves_with_paths(got))
     flat_exp = dict(jlora._paths.leaves_with_paths(expected))
+
+    def close(a, b) -> bool:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        bound = 64 * np.finfo(np.float32).eps * max(1.0, float(np.abs(b).max(initial=0.0)))
+        return a.shape == b.shape and bool(np.all(np.abs(a - b) <= bound))
+
     return list(flat_got) == list(flat_exp) and all(
-        np.array_equal(np.asarray(flat_got[p]), np.asarray(v)) for p, v in flat_exp.items()
+        close(flat_got[p], v) for p, v in flat_exp.items()
     )
 
 
