@@ -199,29 +199,9 @@ def save(
             f"{path}: already exists; jlora.checkpoint.save never overwrites a checkpoint. Save "
             "under a new step or directory, or remove this one first"
         )
-    before = _orbax_scratch(path)
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            checkpointer.save(path, args=args)
-    except Exception as e:
-        # The `with` has closed the checkpointer, so its writes are over: the scratch directories
-        # this save created are provably its own, and left behind they can fill a disk.
-        for scratch in _orbax_scratch(path) - before:
-            scratch.rmtree(missing_ok=True)
-        if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in str(e):
-            raise OSError(
-                f"{path}: writing the adapter checkpoint failed ({type(e).__name__}: "
-                f"{first_line(e)}); nothing was written. Free space or choose another directory"
-            ) from None
-        raise
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=args)
     return path
-
-
-def _orbax_scratch(path: epath.Path) -> set[epath.Path]:
-    """orbax's temporary directories for a checkpoint at ``path`` (``<name>.orbax-checkpoint-tmp*``)."""
-    if not path.parent.exists():
-        return set()
-    return set(path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*"))
 
 
 def first_line(e: BaseException) -> str:
