@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -324,3 +325,9 @@ class LoraConfig:
             if name in kwargs and isinstance(kwargs[name], Mapping):
                 kwargs[name] = tuple(kwargs[name].items())
         return cls(**kwargs)
+
+
+# A config is static data: as a pytree with no leaves it can be an argument of jax.jit,
+# jax.eval_shape and friends (`jax.eval_shape(jlora.init, key, params, config)`) without
+# static_argnums; being hashable, it keys the compilation cache.
+jax.tree_util.register_static(LoraConfig)

@@ -1,6 +1,8 @@
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import jlora
@@ -110,3 +112,12 @@ def test_errors_are_value_errors():
     assert issubclass(jlora.TargetError, ValueError)
     assert issubclass(jlora.AdapterMismatchError, ValueError)
     assert issubclass(jlora.NotAnArrayError, TypeError)
+
+
+def test_a_config_is_static_data_for_jax_transforms():
+    params = {"w": jnp.ones((4, 3))}
+    config = LoraConfig(targets="w", rank=2, alpha=4.0)
+    assert jax.tree.leaves(config) == []
+    abstract = jax.eval_shape(jlora.init, jax.random.key(0), params, config)
+    assert abstract["w"].a.shape == (4, 2) and abstract["w"].b.shape == (2, 3)
+    assert float(jax.jit(lambda c, x: x * c.scale_for("w"))(config, 1.0)) == 2.0
