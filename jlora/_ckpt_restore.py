@@ -16,15 +16,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import _ckpt_base, _digest, _dirs
+from . import _checks, _ckpt_base, _digest, _dirs
 from . import _ckpt_format as fmt
 from ._ckpt_adapters import ARRAYS, PathLike, first_line, read_record, resolve
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError, DamagedCheckpointError, NonFiniteError
 from ._extras import Trainable
-from ._factors import LoraFactors
+from ._factors import LoraFactors, with_boxes
 from ._merge import adapter_tables
-from ._paths import leaves_with_paths, nest
+from ._paths import is_box, leaves_with_paths, nest, path_to_str
 
 
 def _sharding_table(
@@ -154,7 +154,10 @@ def restore(
             small, so this is cheap).
 
     Returns:
-        ``(adapters, config)``.
+        ``(adapters, config)``. Factors come back in the metadata boxes of ``target``'s factors
+        (``nn.LogicallyPartitioned``, ...), or, without a target, in the boxes :func:`jlora.init`
+        gives the factors of ``base``'s boxed weights, so that ``nn.get_partition_spec`` and a
+        step traced with boxed adapters accept them.
 
     Every array is checked against the SHA-256 digest recorded when it was saved (checkpoints
     written before jlora recorded digests restore unverified).
@@ -183,7 +186,9 @@ def restore(
         >>> restored["w"].a.sharding == on_x, restored["w"].b.sharding == replicated
         (True, True)
     """
-    path = resolve(_dirs.absolute(directory), step)
+    path = resolve(_dirs.absolute(_checks.path(directory, "directory")), step)
+    _checks.flag(base_digest, "base_digest")
+    _checks.flag(check_finite, "check_finite")
     rec = fmt.parse(read_record(path), str(path))
     config, records, extra_records = rec.config, rec.adapters, rec.extras
     if base is not None and rec.base is not None:
@@ -250,7 +255,24 @@ def restore(
     extras = {p: Trainable(cast(p, "value", p)) for p in extra_records}
     if base is not None:
         fmt.check_base_fit(table, base, extras)
-    return nest({**table, **extras}), config
+    return _boxed(nest({**table, **extras}), target, base, table), config
+
+
+def _boxed(adapters: Any, target: Any, base: Any, table: dict[str, LoraFactors]) -> Any:
+    """``adapters`` with each factor in the metadata box (``nn.LogicallyPartitioned``, ...) of
+    ``target``'s factor at its path, or, without a target, in the box ``init`` gives the factors
+    of ``base``'s boxed weights; so a restored tree has the structure the user's jitted step and
+    optimizer state were traced with."""
+    if target is None and base is None:
+        return adapters
+    like = target if target is not None else with_boxes(nest(table), base)
+    found, _ = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_box)
+    boxes = {path_to_str(p): x for p, x in found if is_box(x)}
+    if not boxes:
+        return adapters
+    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters)
+    leaves = [boxes[k].replace_boxed(x) if (k := path_to_str(p)) in boxes else x for p, x in flat]
+    return treedef.unflatten(leaves)
 
 
 def _check_array_metadata(
