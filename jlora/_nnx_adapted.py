@@ -26,6 +26,7 @@ from flax import nnx
 from ._errors import AdapterMismatchError, MissingRngError, TargetError
 from ._factors import LoraFactors
 from ._nnx_kinds import Kind, factors_of, is_adapted_class
+from ._nnx_sharding import explicit_out_like, new_factor
 
 ADDED = ("lora_a", "lora_b", "lora_dropout", "lora_path", "deterministic", "lora_rngs")
 _CLASSES: dict[tuple[type, Kind], type] = {}
@@ -86,7 +87,13 @@ def _with_term(own: Any, term: Any) -> Any:
         if _PENDING:
             _PENDING[-1][0] = True
         rate, rng = _rate_and_rng(self)
-        return y + term(self, inputs, y.dtype, factors_of(self), rate, rng, *args, **kwargs)
+        f = factors_of(self)
+
+        def compute(inputs, a, b, rng):
+            factors = LoraFactors(a, b, f.scale, f.layout)
+            return term(self, inputs, y.dtype, factors, rate, rng, *args, **kwargs)
+
+        return y + explicit_out_like(compute, y)(inputs, f.a, f.b, rng)
 
     method.__name__ = method.__qualname__ = own.__name__
     method.__doc__ = own.__doc__
@@ -170,13 +177,23 @@ def check_free(module: Any, path: str) -> None:
 
 
 def attach(
-    module: Any, path: str, kind: Kind, factors: LoraFactors, rate: float, stream: Any
+    module: Any,
+    path: str,
+    kind: Kind,
+    factors: LoraFactors,
+    rate: float,
+    stream: Any,
+    sharding: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
 ) -> None:
-    """Adapts ``module`` in place with ``factors``; ``stream`` feeds LoRA dropout (or None)."""
-    object.__setattr__(module, "__class__", adapted_class(type(module), kind))
+    """Adapts ``module`` in place with ``factors``; ``stream`` feeds LoRA dropout (or None);
+    ``sharding`` is the factors' sharding metadata (:func:`jlora._nnx_sharding.factor_metadata`),
+    and they are created on their shardings as Flax creates a variable with that metadata."""
+    weight = getattr(module, kind.weight).get_value()
     meta = {"lora_scale": factors.scale, "lora_layout": factors.layout, "lora_weight": kind.weight}
-    module.lora_a = LoraParam(factors.a, **meta)
-    module.lora_b = LoraParam(factors.b, **meta)
+    a = new_factor(LoraParam, factors.a, {**meta, **sharding[0]}, weight, "a")
+    b = new_factor(LoraParam, factors.b, {**meta, **sharding[1]}, weight, "b")
+    object.__setattr__(module, "__class__", adapted_class(type(module), kind))
+    module.lora_a, module.lora_b = a, b
     module.lora_path = path
     module.lora_dropout = 0.0 if factors.layout.embedding else rate
     if module.lora_dropout > 0:

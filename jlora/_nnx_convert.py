@@ -22,6 +22,7 @@ from ._merge import _combine, adapter_tables, check_fit
 from ._nnx_adapted import LoraParam, detach, weight_of
 from ._nnx_extras import TRAINABLE, is_extra, unmark
 from ._nnx_kinds import factors_of
+from ._nnx_sharding import new_factor
 from ._paths import nest
 
 M = TypeVar("M", bound=nnx.Module)
@@ -199,10 +200,11 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
         if not isinstance(var, LoraParam):
             return var.replace(extras[join(parts)].value)
         path = join((*parts[:-1], var.get_metadata()["lora_weight"]))
-        factors = table[path]
-        value = factors.a if parts[-1] == "lora_a" else factors.b
+        factors, role = table[path], parts[-1][-1]
+        value = factors.a if role == "a" else factors.b
         meta = {**var.get_metadata(), "lora_scale": factors.scale, "lora_layout": factors.layout}
-        return LoraParam(value, **meta)
+        weight = weight_of(layers[path][1]).get_value()
+        return new_factor(LoraParam, value, meta, weight, role)
 
     return jax.tree_util.tree_map_with_path(
         replace, nnx.state(model, TRAINABLE), is_leaf=lambda x: isinstance(x, nnx.Variable)

@@ -25,6 +25,13 @@ the ``dropout`` stream of ``rngs`` (``default`` if there is none); ``model.eval(
 ``model.train()`` and ``nnx.view(model, deterministic=...)`` switch it. Embedding adapters have no
 dropout.
 
+Sharding follows Flax's conventions: a weight with sharding metadata (``nnx.with_partitioning``,
+``kernel_metadata={'out_sharding': ...}``) gives its factors derived names (``a``: its stack and
+fan-in names plus the rank axis :data:`jlora.sharding.RANK_AXIS`, replicated; ``b``: the rank axis
+plus its stack and fan-out names), and under a mesh (``jax.set_mesh``, Auto or Explicit axes) they
+are created sharded, as Flax creates the layer's own variables; ``nnx.get_partition_spec``,
+``nnx.Optimizer`` and :func:`merge` keep them so (:mod:`jlora._nnx_sharding`).
+
 Stacked layers (built with ``nnx.vmap``, run with ``nnx.scan`` or ``nnx.vmap``) get stacked factors
 ``a: (L, *fan_in, r)``, ``b: (L, r, *fan_out)`` and, with dropout, one rng stream per layer. A scan
 over the module (``in_axes=0``, the usual form) slices every variable of it, so each step sees its
@@ -77,6 +84,7 @@ from ._nnx_convert import (
 )
 from ._nnx_extras import TRAINABLE, mark
 from ._nnx_kinds import SUPPORTED, custom_kind, kind_of
+from ._nnx_sharding import factor_metadata
 from ._paths import nest
 from ._summary import AdapterSummary
 from ._summary import summary as summarise
@@ -185,7 +193,8 @@ def _is_head(parts: Parts) -> bool:
 
 
 def _plan(model: Any, parts: Parts, var: Any, module: Any, kind: Any, custom: tuple, config):
-    """``((owner, module, kind, stack shape), layout string)`` for one targeted weight."""
+    """``((owner, module, kind, stack shape, factor sharding metadata), layout string)`` for one
+    targeted weight."""
     path = join(parts)
     if kind is None or parts[-1] != kind.weight:
         raise _unsupported(path, parts, model, custom)
@@ -202,7 +211,9 @@ def _plan(model: Any, parts: Parts, var: Any, module: Any, kind: Any, custom: tu
             f"{path}: {kind.name} weight of shape {var.shape} has fewer axes than its "
             f"layout {spec!r}; is the module's configuration consistent with its weight?"
         )
-    return (parts[:-1], module, kind, tuple(var.shape[:n_stack])), "s" * n_stack + spec
+    layout = "s" * n_stack + spec
+    sharding = factor_metadata(var, Layout.parse(layout), path)
+    return (parts[:-1], module, kind, tuple(var.shape[:n_stack]), sharding), layout
 
 
 def lora(
@@ -294,9 +305,9 @@ def lora(
     params = nest({join(parts): jax.ShapeDtypeStruct(var.shape, var.dtype) for parts, var in flat})
     adapters = factors_by_path(init(rngs.params(), params, config))
     for path, factors in adapters.items():
-        owner, module, kind, stack = plan[path]
+        owner, module, kind, stack, sharding = plan[path]
         stream = _dropout_stream(rngs, stack) if config.dropout > 0 else None
-        attach(module, _where(owner), kind, factors, config.dropout, stream)
+        attach(module, _where(owner), kind, factors, config.dropout, stream, sharding)
     for var in extras:
         mark(var)
     return model
