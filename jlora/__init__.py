@@ -29,7 +29,17 @@ __version__ = "0.1.0"
 
 # Framework integrations load on first use (`jlora.linen.lora(...)` after `import jlora`), so that
 # `import jlora` does not import Flax, orbax or safetensors.
-_SUBMODULES = ("analysis", "checkpoint", "linen", "nnx", "lowrank", "optim", "peft", "sharding")
+_SUBMODULES = (
+    "analysis",
+    "checkpoint",
+    "linen",
+    "nnx",
+    "lowrank",
+    "optim",
+    "peft",
+    "serving",
+    "sharding",
+)
 
 
 def __getattr__(name: str):

@@ -19,6 +19,14 @@ live processes, or of other hosts, are left alone.
 The swap and the recovery hold an exclusive ``flock`` on ``out``'s parent directory, so a recovery
 never runs between another live merge's two renames. All this is for local file systems; on remote
 ones (``gs://``) the swap is the same two renames, without the lock and the liveness test.
+
+``jlora.checkpoint.save`` has orbax write into a scratch directory of its own,
+``.<name>.jlora-save-<pid>-<tag>`` (same journal), and renames the finished checkpoint into place
+with :func:`place`, which never replaces anything. A save that fails removes its scratch directory
+once orbax's writes have stopped (or, if some are still running, marks it ``"failed"`` for the next
+save to remove); :func:`remove_dead_saves`, run by every save, deletes those and the scratch
+directories of killed saves (dead owners, as above). Only the rename makes a checkpoint visible, so
+a kill leaves the old state and, at worst, a scratch directory the next save removes.
 """
 
 from __future__ import annotations
@@ -29,18 +37,20 @@ import json
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
 
-from ._dirs import is_local, lexists
+from ._dirs import is_local, is_symlink, lexists
 
 JOURNAL = "journal.json"
 PREVIOUS = "previous"
-_INFIX = ".jlora-merge-"
+_INFIX = {"merge": ".jlora-merge-", "save": ".jlora-save-"}
 _NAME = re.compile(r"^\.(?P<out>.+)\.jlora-merge-(?:(?P<pid>\d+)-)?(?P<tag>[0-9a-f]{12})$")
+_SAVE_NAME = re.compile(r"^\.(?P<out>.+)\.jlora-save-(?P<pid>\d+)-(?P<tag>[0-9a-f]{12})$")
 
 
 def _start_time(pid: int) -> str | None:
@@ -70,10 +80,11 @@ class Scratch:
     out_name: str
 
     @classmethod
-    def create(cls, out: epath.Path) -> Scratch:
-        """Makes ``.<out>.jlora-merge-<pid>-<tag>`` next to ``out`` and writes its journal."""
+    def create(cls, out: epath.Path, kind: str = "merge") -> Scratch:
+        """Makes ``.<out>.jlora-<kind>-<pid>-<tag>`` next to ``out`` and writes its journal."""
         pid = os.getpid()
-        scratch = cls(out.parent / f".{out.name}{_INFIX}{pid}-{uuid.uuid4().hex[:12]}", out.name)
+        name = f".{out.name}{_INFIX[kind]}{pid}-{uuid.uuid4().hex[:12]}"
+        scratch = cls(out.parent / name, out.name)
         scratch.path.mkdir()
         scratch.write_state("writing")
         return scratch
@@ -93,6 +104,25 @@ class Scratch:
 
     def remove(self) -> None:
         self.path.rmtree(missing_ok=True)
+
+    def discard(self) -> bool:
+        """Marks a failed save's scratch directory ``"failed"`` and removes it.
+
+        Returns:
+            Whether it is gone; if a late write of orbax's keeps it (the directory is not empty
+            when deleted), the next save removes it (:func:`remove_dead_saves`).
+        """
+        try:
+            self.write_state("failed")
+        except OSError:
+            pass
+        for attempt in range(5):
+            try:
+                self.path.rmtree(missing_ok=True)
+                return True
+            except OSError:
+                time.sleep(0.05 * (attempt + 1))
+        return False
 
 
 def _write_atomically(path: epath.Path, text: str) -> None:
@@ -159,6 +189,59 @@ def swap(new: epath.Path, out: epath.Path, scratch: Scratch) -> None:
         if is_local(out):
             _fsync_dir(os.fspath(out.parent))
         scratch.write_state("done")
+
+
+def place(new: epath.Path, out: epath.Path, scratch: Scratch) -> None:
+    """Renames the complete checkpoint ``new`` (inside ``scratch``) to ``out``, which must not exist.
+
+    Raises:
+        FileExistsError: something appeared at ``out`` while ``new`` was written.
+    """
+    with locked(out.parent):
+        if lexists(out):
+            raise FileExistsError(
+                f"{out}: appeared while this checkpoint was being written (another save to the "
+                "same directory?); jlora.checkpoint.save never overwrites a checkpoint. Save "
+                "under a new step or directory"
+            )
+        new.rename(out)
+        if is_local(out):
+            _fsync_dir(os.fspath(out.parent))
+        scratch.write_state("done")
+
+
+def remove_dead_saves(parent: epath.Path) -> list[str]:
+    """Deletes the scratch directories of saves under ``parent`` that can no longer finish.
+
+    Those are the directories of killed saves (owner dead, see the module docstring) and those
+    this process's own failed saves could not remove at once (journal state ``"failed"``). Live
+    saves' directories, other hosts' and anything not named like a save's are left alone.
+
+    Returns:
+        One line per directory removed.
+    """
+    if not is_local(parent) or not parent.is_dir():
+        return []
+    actions = []
+    with locked(parent):
+        for scratch in sorted(parent.iterdir()):
+            match = _SAVE_NAME.match(scratch.name)
+            if match is None or not scratch.is_dir() or is_symlink(scratch):
+                continue
+            journal = _journal(scratch)
+            mine_failed = (
+                journal is not None
+                and journal.get("pid") == os.getpid()
+                and journal.get("host") == socket.gethostname()
+                and journal.get("state") == "failed"
+            )
+            if mine_failed or _owner_dead(match["pid"], journal):
+                try:
+                    scratch.rmtree(missing_ok=True)
+                except OSError:  # still being written to: the next save tries again
+                    continue
+                actions.append(f"removed {scratch}, left by a save that did not finish")
+    return actions
 
 
 def _journal(scratch: epath.Path) -> dict[str, Any] | None:

@@ -7,21 +7,26 @@ every array, and optionally a fingerprint of the base; see ``_ckpt_format``). It
 ``CheckpointManager`` writes for ``save_args(...)``, so periodic checkpoints under a root
 directory (``root/<step>/``) and single checkpoints read back the same way.
 
-Orbax writes into a temporary directory and renames it into place once everything is on disk, so an
-interrupted save leaves no directory under the final name; and ``save`` refuses an existing target
-rather than deleting it first (orbax's ``force=True`` removes the old checkpoint before writing).
+On local disks orbax writes into a scratch directory of jlora's, ``.<name>.jlora-save-<pid>-<tag>``
+beside the target, which jlora renames into place once everything is on disk (``_atomic``): an
+interrupted save leaves no directory under the final name, a failed one removes its scratch
+directory once orbax's writers have stopped, and each save removes those of killed saves. ``save``
+refuses an existing target rather than deleting it first (orbax's ``force=True`` removes the old
+checkpoint before writing). On remote file systems orbax commits the checkpoint its own way.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
 
+from . import _atomic, _checks, _dirs, _orbax_writes
 from . import _ckpt_format as fmt
-from . import _dirs
 from ._config import LoraConfig
 from ._errors import DamagedCheckpointError
 from ._extras import Trainable
@@ -101,21 +106,24 @@ def steps(directory: PathLike) -> list[int]:
         >>> steps(tempfile.mkdtemp())
         []
     """
-    root = epath.Path(directory)
+    root = epath.Path(_checks.path(directory, "directory"))
     if not root.is_dir():
+        if _dirs.lexists(root):
+            raise NotADirectoryError(
+                f"directory {root}: is a file; expected a directory holding <step>/ checkpoints "
+                "(or a missing one: no steps)"
+            )
         return []
     found = [int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_checkpoint(p)]
     return sorted(found)
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: {step!r} is invalid; expected an integer >= 0 (or None)")
-    return step
+    return _checks.step(step)
 
 
 def resolve(directory: PathLike, step: int | None) -> epath.Path:
-    root = epath.Path(directory)
+    root = epath.Path(_checks.path(directory, "directory"))
     if step is not None:
         path = root / str(_check_step(step))
         if not _is_checkpoint(path):
@@ -131,8 +139,18 @@ def resolve(directory: PathLike, step: int | None) -> epath.Path:
         raise FileNotFoundError(
             f"{root}: no adapter checkpoint here, and no step directories holding one; expected a "
             "directory written by jlora.checkpoint.save (or a CheckpointManager root of them)"
+            + _what_it_is(root)
         )
     return root / str(found[-1])
+
+
+def _what_it_is(root: epath.Path) -> str:
+    """A hint naming a directory of another kind than an adapter checkpoint, or ''."""
+    if (root / "adapter_config.json").is_file():
+        return f". {root} holds a PEFT adapter: read it with jlora.peft.load"
+    if (root / "_METADATA").is_file():
+        return f". {root} is an orbax PyTree checkpoint (a model's parameters?), not adapters"
+    return ""
 
 
 def save(
@@ -146,10 +164,11 @@ def save(
 ) -> epath.Path:
     """Saves adapters, their config and (optionally) a base fingerprint as one checkpoint.
 
-    Everything is validated before anything is written, and orbax renames a complete temporary
-    directory into place, so a failed or interrupted save leaves no checkpoint under the final name
-    and never touches an existing one. A SHA-256 digest of every saved array is recorded and
-    verified by :func:`restore`.
+    Everything is validated before anything is written, and a complete checkpoint is renamed into
+    place from a scratch directory beside it, so a failed or interrupted save leaves no checkpoint
+    under the final name and never touches an existing one; a failed save removes its partial
+    files, and each save removes those of killed ones. A SHA-256 digest of every saved array is
+    recorded and verified by :func:`restore`.
 
     Args:
         directory: the checkpoint directory, or with ``step`` the root holding ``<step>/``.
@@ -168,6 +187,8 @@ def save(
 
     Raises:
         FileExistsError: the target directory exists (choose another step or remove it).
+        OSError: the directory cannot be created, or writing failed (a full disk): one error
+            naming the checkpoint and the cause; nothing is left under the final name.
         AdapterMismatchError: the adapters do not match ``config`` or ``base``.
         TypeError: ``config`` is not a :class:`jlora.LoraConfig`.
         ValueError: ``step`` is not an integer >= 0.
@@ -191,17 +212,95 @@ def save(
         >>> restored["head"].value.tolist()
         [0.0, 1.0, 2.0]
     """
-    root = _dirs.absolute(directory)  # orbax needs absolute paths
+    root = _dirs.absolute(_checks.path(directory, "directory"))  # orbax needs absolute paths
     path = root if step is None else root / str(_check_step(step))
+    _checks.flag(base_digest, "base_digest")
     args = save_args(adapters, config, base=base, base_digest=base_digest)
-    if path.exists():
+    if _dirs.lexists(path):
         raise FileExistsError(
             f"{path}: already exists; jlora.checkpoint.save never overwrites a checkpoint. Save "
             "under a new step or directory, or remove this one first"
         )
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, args=args)
+    if not _dirs.is_local(path):  # orbax commits remote checkpoints its own way
+        try:
+            _write(path, args)
+        except Exception as e:
+            _raise_write_failed(path, e, "orbax's partial files may remain beside it")
+        return path
+    scratch = _scratch_for(path)
+    target = scratch.path / "checkpoint"
+    try:
+        _write(target, args)
+    except Exception as e:
+        removed = scratch.discard()
+        left = f"the partial files in {scratch.path} are removed by the next save"
+        _raise_write_failed(path, e, "the partial files were removed" if removed else left)
+    except BaseException:  # KeyboardInterrupt, SystemExit
+        scratch.discard()
+        raise
+    try:
+        _atomic.place(target, path, scratch)
+    except BaseException:
+        scratch.discard()
+        raise
+    scratch.remove()
     return path
+
+
+def _scratch_for(path: epath.Path) -> _atomic.Scratch:
+    """The scratch directory of a save to ``path``, after removing dead saves' leftovers."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic.remove_dead_saves(path.parent)
+        return _atomic.Scratch.create(path, kind="save")
+    except OSError as e:
+        where = next((p for p in (path.parent, *path.parent.parents) if _dirs.lexists(p)), None)
+        why = (
+            f"{where} is not a directory"
+            if where is not None and not where.is_dir()
+            else f"{type(e).__name__}: {e.strerror or first_line(e)}"
+        )
+        raise OSError(
+            e.errno,
+            f"{path}: cannot create the checkpoint's directory ({why}); expected a writable "
+            "directory path. Choose another directory, or fix its permissions",
+        ) from None
+
+
+_IO_STATUS = re.compile(
+    r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|OUT_OF_RANGE|UNAVAILABLE|DATA_LOSS|os_error_code"
+)
+
+
+def _write(target: epath.Path, args: ocp.args.Composite) -> None:
+    """orbax's save of ``args`` to ``target``; after a failure, once its writes have stopped."""
+    with _orbax_writes.quiet_writes(target.parent):
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(target, args=args)
+
+
+def _raise_write_failed(path: epath.Path, e: Exception, partial: str) -> None:
+    """Raises one ``OSError`` for a write that failed on the file system, else ``e`` itself."""
+    text = str(e)
+    if not isinstance(e, OSError) and not _IO_STATUS.search(text):
+        raise e
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"os_error_code='?(\d+)", text)
+    if code is None and found:
+        code = int(found[1])
+    cause = os.strerror(code) if code else first_line(e)
+    fix = {
+        errno.ENOSPC: "Free space",
+        errno.EDQUOT: "Free space (or raise your quota)",
+        errno.EFBIG: "Raise the file size limit (ulimit -f)",
+        errno.EACCES: "Fix the directory's permissions",
+        errno.EROFS: "Choose a writable file system",
+    }.get(code, "Check the file system (space, permissions)")
+    raise OSError(
+        code,
+        f"{path}: writing the adapter checkpoint failed ({cause}); nothing was saved there and "
+        f"{partial}. {fix} and save again",
+    ) from None
 
 
 def first_line(e: BaseException) -> str:
@@ -227,5 +326,5 @@ def read_record(path: epath.Path) -> dict:
 
 def saved_record(directory: PathLike, step: int | None = None) -> fmt.Record:
     """The validated JSON record of the adapter checkpoint at ``directory`` (or its ``step``)."""
-    path = resolve(_dirs.absolute(directory), step)
+    path = resolve(_dirs.absolute(_checks.path(directory, "directory")), step)
     return fmt.parse(read_record(path), str(path))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import _atomic, _ckpt_base, _digest, _dirs
+from . import _atomic, _checks, _ckpt_base, _digest, _dirs
 from ._ckpt_adapters import RECORD, PathLike, saved_record
 from ._ckpt_restore import restore
 from ._errors import DamagedCheckpointError, NonFiniteError
@@ -101,7 +102,14 @@ class _Leaf:
 
 def _pytree_dir(base: epath.Path) -> epath.Path:
     if not base.is_dir():
-        raise FileNotFoundError(f"base {base}: no such directory; expected an orbax checkpoint")
+        what = "is a file" if _dirs.lexists(base) else "no such directory"
+        raise FileNotFoundError(f"base {base}: {what}; expected an orbax checkpoint directory")
+    if (base / "adapter_config.json").is_file():
+        raise ValueError(
+            f"base {base} is a PEFT adapter; expected the base model's orbax PyTree checkpoint "
+            "(load PEFT adapters with jlora.peft.load, then save them with jlora.checkpoint.save "
+            "to merge on disk)"
+        )
     if (base / RECORD).is_dir():
         raise ValueError(
             f"base {base} is a jlora adapter checkpoint; expected the base model's orbax PyTree "
@@ -316,10 +324,15 @@ def merge_checkpoint(
         (1, 1, 60)
     """
     start = time.perf_counter()
-    base, adapter = _dirs.absolute(base_dir), _dirs.absolute(adapter_dir)
-    out = _dirs.absolute(out_dir)
-    if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 1:
-        raise ValueError(f"group_bytes: {group_bytes!r} is invalid; expected an integer >= 1")
+    base = _dirs.absolute(_checks.path(base_dir, "base_dir"))
+    adapter = _dirs.absolute(_checks.path(adapter_dir, "adapter_dir"))
+    out = _dirs.absolute(_checks.path(out_dir, "out_dir"))
+    group_bytes = _checks.count(group_bytes, "group_bytes", 1)
+    for name, value in [("overwrite", overwrite), ("force", force), ("progress", progress)]:
+        _checks.flag(value, name)
+    _checks.flag(check_finite, "check_finite")
+    _checks.flag(base_digest, "base_digest")
+    _checks.not_a_file(os.fspath(out), "out", itself=False)
     _dirs.check_no_overlap(out, {"base": base, "adapter": adapter})
     recovered = _atomic.recover(out)
     if _dirs.lexists(out):
@@ -412,7 +425,7 @@ def recover_merge(out_dir: PathLike) -> list[str]:
         >>> recover_merge(tempfile.mkdtemp() + "/out")
         []
     """
-    return _atomic.recover(_dirs.absolute(out_dir))
+    return _atomic.recover(_dirs.absolute(_checks.path(out_dir, "out_dir")))
 
 
 def _check_merged(path: str, merged: np.ndarray, base: Any) -> None:

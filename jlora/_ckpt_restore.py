@@ -38,7 +38,8 @@ def _sharding_table(
     for path, leaf in flat.items():
         if not isinstance(leaf, jax.sharding.Sharding):
             raise TypeError(
-                f"shardings: {path} holds a {type(leaf).__name__}; expected a jax.sharding.Sharding"
+                f"shardings{f' at {path}' if path else ''}: got a {type(leaf).__name__}; expected "
+                "a jax.sharding.Sharding (or a tree of them mirroring the adapters)"
             )
     table, used = {}, set()
     for path in paths:
@@ -171,6 +172,7 @@ def restore(
             array differs from its recorded digest (a ``ValueError``).
         NonFiniteError: a factor or extra holds NaN or Inf values (``check_finite``).
         ValueError: the directory is not a jlora adapter checkpoint, or of a newer format.
+        TypeError: ``directory`` is not a path, or a flag is not a bool.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, numpy as np, jlora

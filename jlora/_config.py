@@ -219,6 +219,11 @@ class LoraConfig:
                 "LoraConfig.targets is empty; expected at least one regex, e.g. '.*/kernel' to adapt "
                 "every Dense kernel"
             )
+        if "" in self.targets:
+            raise ConfigError(
+                "LoraConfig.targets: '' is an empty pattern, which matches no parameter path; "
+                "expected a regex or module name, e.g. '.*/kernel' to adapt every Dense kernel"
+            )
         put("exclude", _patterns("exclude", self.exclude))
         put("trainable", _patterns("trainable", self.trainable))
         put("rank", _check_rank("LoraConfig.rank", self.rank))

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from . import _checks
 from ._extras import is_trainable
 
 
@@ -78,6 +79,11 @@ def count_params(params: Any, adapters: Any) -> ParamCount:
         >>> print(count_params(params, jlora.init(jax.random.key(0), params, config)))
         trainable params: 1,000 (extras: 200) || all params: 11,000 || trainable: 9.0909%
     """
+    _checks.adapters_given(adapters)
+    if params is None:
+        raise TypeError(
+            "params: got None; expected the base parameter tree the adapters were made for"
+        )
     nodes = jax.tree_util.tree_leaves(adapters, is_leaf=is_trainable)
     extras = sum(_size(n) for n in nodes if is_trainable(n))
     return ParamCount(trainable=_size(adapters), base=_size(params), extras=extras)

@@ -57,3 +57,8 @@ def skipped_message(skipped: dict[str, str]) -> str:
         "'all-linear' preset); narrow the targets or add them to exclude to silence this:\n"
         + "\n".join(lines)
     )
+
+
+class BankError(ValueError):
+    """An adapter-bank operation is invalid: a slot or adapter id out of range, an id naming an
+    empty slot, a full bank, or an adapter name used twice (see :mod:`jlora.serving`)."""

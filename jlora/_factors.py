@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import prng_key
 from ._config import LoraConfig
-from ._errors import ConfigError
+from ._errors import AdapterMismatchError, ConfigError
 from ._extras import copy_extras, select_extras
 from ._layout import Layout
 from ._paths import is_box, nest, path_to_str, unbox
@@ -63,6 +64,11 @@ class LoraFactors:
                 f"LoraFactors: scale {scale!r} is not a finite real number; expected alpha / rank "
                 "(e.g. LoraConfig.scale_for(path)). A NaN, infinite or complex scale would put "
                 "NaN/Inf (or a silently truncated value) into every merged weight"
+            )
+        if not isinstance(self.layout, Layout):
+            raise ConfigError(
+                f"LoraFactors: layout {self.layout!r} is not a jlora.Layout; expected the layout "
+                "of the weight, e.g. jlora.Layout(1, 1) for a (fan_in, fan_out) kernel"
             )
 
     @property
@@ -153,19 +159,31 @@ def _boxes(params: Any) -> dict[str, Any]:
     return {path_to_str(p): x for p, x in flat if is_box(x)}
 
 
-def box_like(f: LoraFactors, box: Any) -> LoraFactors:
+def box_like(f: LoraFactors, box: Any, path: str = "") -> LoraFactors:
     """``f`` with each factor boxed like the weight's ``box``, axis names derived by role.
 
     ``a`` gets the weight's stack and fan-in names plus the rank axis, ``b`` the rank axis plus
     the stack and fan-out names. The rank axis is :data:`RANK_AXIS` for logical names
     (``nn.LogicallyPartitioned``: map it in ``logical_axis_rules``; unmapped it is replicated)
-    and ``None`` for mesh-axis names (``nn.Partitioned``).
+    and ``None`` for mesh-axis names (``nn.Partitioned``). Fewer names than axes leave the trailing
+    axes unnamed (replicated), as a short PartitionSpec does.
+
+    Raises:
+        AdapterMismatchError: the box has more names than the weight has axes.
     """
     names = getattr(box, "names", None)
     if names is None or not hasattr(box, "replace"):
         return f
-    ndim = len(unbox(box).shape)
-    names = (*tuple(names), *(None,) * (ndim - len(names)))
+    shape = tuple(unbox(box).shape)
+    names = tuple(names)
+    if len(names) > len(shape):
+        kind = "logical axis" if hasattr(box, "rules") else "mesh-axis"
+        raise AdapterMismatchError(
+            f"{path}: the weight is boxed ({type(box).__name__}) with {len(names)} {kind} names "
+            f"{names} but has {len(shape)} axes (shape {shape}); give one name (or None) per axis "
+            "in nn.with_logical_partitioning / nn.with_partitioning"
+        )
+    names = (*names, *(None,) * (len(shape) - len(names)))
     stack, fan_in, fan_out = f.layout.split(names)
     rank = RANK_AXIS if hasattr(box, "rules") else None
     a = box.replace_boxed(f.a).replace(names=(*stack, *fan_in, rank))
@@ -178,7 +196,7 @@ def with_boxes(adapters: dict[str, Any], params: Any) -> dict[str, Any]:
     boxes = _boxes(params)
     if not boxes:
         return adapters
-    flat = {p: box_like(f, boxes[p]) if p in boxes else f for p, f in _flat_factors(adapters)}
+    flat = {p: box_like(f, boxes[p], p) if p in boxes else f for p, f in _flat_factors(adapters)}
     return nest(flat)
 
 
@@ -240,6 +258,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig) -> dict[str, Any]:
         >>> type(init(jax.random.key(0), params, config)["dense"]["bias"]).__name__
         'Trainable'
     """
+    prng_key(key, "key")
     targets = select(params, config)
     return with_extras(with_boxes(draw(key, targets, config), params), params, config)
 

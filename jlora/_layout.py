@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any
 
@@ -66,6 +67,20 @@ class Layout:
     order: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("fan_in_ndim", "fan_out_ndim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(
+                    f"Layout.{name}: {value!r} is invalid; expected an integer >= 1 (a weight has "
+                    "at least one fan-in and one fan-out axis), e.g. Layout(1, 1) for a "
+                    "(fan_in, fan_out) kernel, or Layout.parse('sio')"
+                )
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.order, str):
+            raise ValueError(
+                f"Layout.order: {self.order!r} is invalid; expected a string of axis roles such "
+                "as 'oio' (or '' for the canonical order)"
+            )
         order = self.order.lstrip("s")
         if order == _canonical(self.fan_in_ndim, self.fan_out_ndim, False):
             order = ""

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import _einsum, ops
+from . import _einsum, _explicit, ops
 from ._custom import CustomLayer, call_argument, equation_of
 from ._factors import LoraFactors
 from ._layout import Layout
@@ -121,11 +121,11 @@ def _general_term(module, method, args, kwargs, factors, rate, rng):
     n_b = len(batch)
     a, b = factors.a.astype(x.dtype), factors.b.astype(x.dtype)
     x = ops.dropout(x, rate, rng)
-    xa = jax.lax.dot_general(
-        x, a, ((axis, tuple(range(n_b, n_b + n_in))), (batch, tuple(range(n_b))))
-    )
+    dims = ((axis, tuple(range(n_b, n_b + n_in))), (batch, tuple(range(n_b))))
+    xa = jax.lax.dot_general(x, a, dims, out_sharding=_explicit.dot_sharding(x, a, dims))
+    xa = xa * jnp.asarray(factors.scale, xa.dtype)
     dims = (((xa.ndim - 1,), (n_b,)), (tuple(range(n_b)), tuple(range(n_b))))
-    return jax.lax.dot_general(xa * jnp.asarray(factors.scale, xa.dtype), b, dims)
+    return jax.lax.dot_general(xa, b, dims, out_sharding=_explicit.dot_sharding(xa, b, dims))
 
 
 # Einsum -----------------------------------------------------------------------------------------
@@ -369,7 +369,8 @@ def add_term(
         args = tuple(jnp.asarray(a, y.dtype) if _is_array(a) else a for a in args)
         kwargs = {k: jnp.asarray(v, y.dtype) if _is_array(v) else v for k, v in kwargs.items()}
     term = kind.term(module, method, args, kwargs, factors, rate, rng)
-    return y + term.astype(y.dtype)
+    # Under explicit sharding the term is laid out by its own products; the sum takes y's layout.
+    return y + _explicit.like(term.astype(y.dtype), y)
 
 
 def _is_array(x: Any) -> bool:

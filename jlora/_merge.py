@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _checks, _explicit
 from ._errors import AdapterMismatchError, NonFiniteError
 from ._extras import Trainable, check_extra_fit
 from ._factors import LoraFactors
@@ -42,7 +43,7 @@ def adapter_tables(adapters: Any) -> tuple[dict[str, LoraFactors], dict[str, Tra
             extras[path] = leaf
         else:
             raise AdapterMismatchError(
-                f"{path}: adapter tree holds a {type(leaf).__name__}, not LoraFactors or "
+                f"{path or 'adapters'}: adapter tree holds a {type(leaf).__name__}, not LoraFactors or "
                 "jlora.Trainable; expected the output of jlora.init (or a restored adapter "
                 "checkpoint). A fully trained leaf goes in LoraConfig.trainable"
             )
@@ -72,7 +73,14 @@ def factor_delta(factors: LoraFactors) -> jax.Array:
     fan_out = b.shape[len(stack) + 1 :]
     a2 = a.reshape(*stack, -1, rank)
     b2 = b.reshape(*stack, rank, -1)
-    d = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+    n = len(stack)
+    dims = (((n + 1,), (n,)), (tuple(range(n)), tuple(range(n))))
+    d = jnp.matmul(
+        a2,
+        b2,
+        precision=jax.lax.Precision.HIGHEST,
+        out_sharding=_explicit.dot_sharding(a2, b2, dims),
+    )
     d = (factors.scale * d).reshape(*stack, *fan_in, *fan_out)
     if factors.layout.order:
         d = jnp.transpose(d, factors.layout.from_factor_order(d.ndim))
@@ -163,6 +171,8 @@ def _duplicate(key: str) -> AdapterMismatchError:
 
 
 def _apply(params: Any, adapters: Any, *, subtract: bool, check_finite: bool = False) -> Any:
+    _checks.adapters_given(adapters)
+    _checks.flag(check_finite, "check_finite")
     table, extras = adapter_tables(adapters)
     seen = set()
 
@@ -294,6 +304,7 @@ def delta(adapters: Any) -> dict[str, Any]:
         >>> delta({"w": f})["w"].shape
         (4, 3)
     """
+    _checks.adapters_given(adapters)
     table, extras = adapter_tables(adapters)  # validates the tree
     if extras:
         return nest({path: factor_delta(f) for path, f in table.items()})

@@ -207,9 +207,16 @@ def read_config_data(directory: str) -> tuple[Any, str]:
     """The parsed ``adapter_config.json`` and its path."""
     file = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(file):
+        kind = ""
+        if os.path.isdir(os.path.join(directory, "jlora")):
+            kind = (
+                f" {directory} is a jlora adapter checkpoint: read it with jlora.checkpoint.restore"
+            )
+        elif os.path.isfile(os.path.join(directory, "_METADATA")):
+            kind = f" {directory} is an orbax PyTree checkpoint (a model's parameters?), not an adapter"
         raise FileNotFoundError(
             f"{file}: no such file; expected a PEFT adapter directory holding {CONFIG_NAME} and "
-            f"{WEIGHTS_NAME} (as written by PEFT's save_pretrained or jlora.peft.save)"
+            f"{WEIGHTS_NAME} (as written by PEFT's save_pretrained or jlora.peft.save).{kind}"
         )
     try:
         return _load_json(file), file

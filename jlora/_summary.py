@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from . import _checks
 from ._extras import Trainable
 from ._factors import LoraFactors
 from ._merge import adapter_tables
@@ -111,6 +112,12 @@ def summary(
         dense/kernel  io    (6, 4)           2      8      20
         trainable params: 20 of 28 in the base (71.43%)
     """
+    _checks.adapters_given(adapters)
+    if kinds is not None and not isinstance(kinds, Mapping):
+        raise TypeError(
+            f"kinds: got {_checks.found(kinds)}; expected None or a mapping from adapter path to "
+            "kind name, e.g. {'decoder/mlp/kernel': 'mlp'}"
+        )
     factors, extras = adapter_tables(adapters)
     kinds = dict(kinds or {})
     rows = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ._checks import found
 from ._config import LoraConfig
 from ._errors import NotAnArrayError, SkippedTargetsWarning, TargetError, skipped_message
 from ._layout import Layout
@@ -166,6 +167,11 @@ def select(params: Any, config: LoraConfig) -> list[Target]:
             another leaf (a key holding ``/``), or a rank exceeds ``min(fan_in, fan_out)``.
         NotAnArrayError: a targeted leaf is not an array.
     """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"config: got {found(config)}; expected a jlora.LoraConfig, e.g. "
+            "jlora.LoraConfig(targets='.*attn/(query|value)/kernel', rank=8)"
+        )
     leaves = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
     check_patterns(paths, config)

@@ -19,11 +19,13 @@ space) are therefore the *left* singular vectors of ``a``, and the left-singular
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 import jax
 import numpy as np
 
+from . import _checks
 from ._errors import AdapterMismatchError
 from ._factors import LoraFactors
 
@@ -41,9 +43,17 @@ __all__ = [
 
 
 def _matrix(name: str, x: jax.Array | np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
+    try:
+        x = np.asarray(x, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: got {_checks.found(x)}; expected a 2-D real array") from None
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array, found shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(
+            f"{name}: holds {int(np.size(x) - np.isfinite(x).sum())} NaN or infinite values; "
+            "expected a finite basis (are the adapters finite?)"
+        )
     return x
 
 
@@ -74,6 +84,11 @@ def singular_basis(
         >>> abs(singular_basis(f, "input", k=1)).round(3).ravel().tolist()
         [0.0, 1.0, 0.0, 0.0]
     """
+    if not isinstance(factors, LoraFactors):
+        raise TypeError(
+            f"singular_basis: factors is {_checks.found(factors)}; expected one layer's "
+            "jlora.LoraFactors"
+        )
     rank = factors.rank
     if factors.a.ndim != factors.layout.fan_in_ndim + 1:
         raise AdapterMismatchError(
@@ -232,6 +247,9 @@ def lora_param_count(num_matrices: int, d_model: int, rank: int) -> int:
         >>> lora_param_count(num_matrices=2 * 96, d_model=12288, rank=4)  # GPT-3, q and v, r = 4
         18874368
     """
+    num_matrices = _checks.count(num_matrices, "num_matrices")
+    d_model = _checks.count(d_model, "d_model", 1)
+    rank = _checks.count(rank, "rank", 1)
     return 2 * num_matrices * d_model * rank
 
 
@@ -244,6 +262,10 @@ def adapter_tuning_param_count(
         >>> adapter_tuning_param_count(num_adapters=24, d_model=1024, rank=8, num_layer_norms=48)
         516288
     """
+    num_adapters = _checks.count(num_adapters, "num_adapters")
+    d_model = _checks.count(d_model, "d_model", 1)
+    rank = _checks.count(rank, "rank", 1)
+    num_layer_norms = _checks.count(num_layer_norms, "num_layer_norms")
     return num_adapters * (2 * d_model * rank + rank + d_model) + 2 * num_layer_norms * d_model
 
 
@@ -273,6 +295,23 @@ def plot_subspace_similarity(
             "plot_subspace_similarity needs matplotlib: pip install matplotlib"
         ) from e
     grid = np.asarray(grid)
+    if grid.ndim != 2:
+        raise ValueError(
+            f"grid: expected a 2-D array (subspace_similarity_grid's output), found shape "
+            f"{grid.shape}"
+        )
+    path = _checks.path(path, "path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"path {path}: "
+            + (
+                "is a directory"
+                if os.path.isdir(path)
+                else f"its directory {folder} does not exist"
+            )
+            + "; expected a file name in an existing directory, e.g. 'figures/phi.png'"
+        )
     rows, cols = grid.shape
     # Cells shrink past ~30 per side, so a 64 x 64 grid stays a readable 9 x 7 inch figure.
     fig, ax = plt.subplots(figsize=(min(2.0 + 0.25 * cols, 9.0), min(1.4 + 0.25 * rows, 7.0)))

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
+from ._checks import prng_key
 from ._errors import ConfigError
 
 __all__ = ["LowRankDense", "LowRankLinear", "init_factors"]
@@ -110,6 +111,7 @@ def init_factors(
         True
     """
     _check(fan_in, fan_out, rank, init_scheme)
+    prng_key(key, "key")
     if init_scheme == "autoencoder":
         k1, k2 = jax.random.split(key)
         dense = jax.nn.initializers.lecun_normal()

@@ -44,8 +44,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from . import _checks, _explicit
 from ._errors import AdapterMismatchError, MissingRngError
 from ._factors import LoraFactors
 
@@ -78,6 +80,11 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
         >>> sorted(set(y.tolist()))
         [0.0, 2.0]
     """
+    if not isinstance(rate, jax.core.Tracer) and not _is_rate(rate):
+        raise ValueError(
+            f"LoRA dropout rate {rate!r} is invalid; expected a number in [0, 1) (0 turns "
+            "dropout off)"
+        )
     if rate == 0.0:
         return x
     if rng is None:
@@ -85,11 +92,23 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
             f"LoRA dropout rate is {rate} but no PRNG key was given; pass rng= (in Flax: a "
             "'dropout' rng stream) for training, or dropout=0 / deterministic mode for evaluation"
         )
+    _checks.prng_key(rng, "rng")
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def _is_rate(rate: object) -> bool:
+    if isinstance(rate, bool | np.bool_ | str | bytes) or np.ndim(rate) != 0:
+        return False
+    try:
+        return np.isrealobj(rate) and 0.0 <= float(rate) < 1.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_floating(x: jax.Array, op: str) -> None:
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{op}: the input is {_checks.found(x)}; expected an array")
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
             f"{op}: the input has dtype {x.dtype}; the factors are cast to the input's dtype, so "
@@ -99,12 +118,23 @@ def _check_floating(x: jax.Array, op: str) -> None:
 
 
 def _one_layer(factors: LoraFactors, op: str) -> tuple[jax.Array, jax.Array]:
+    if not isinstance(factors, LoraFactors):
+        raise TypeError(
+            f"{op}: factors is {_checks.found(factors)}; expected one layer's jlora.LoraFactors "
+            "(an entry of the tree jlora.init returns)"
+        )
     fan_in_ndim = factors.layout.fan_in_ndim
     if factors.a.ndim != fan_in_ndim + 1:
         raise AdapterMismatchError(
             f"{op}: factors a {factors.a.shape} have {factors.a.ndim - fan_in_ndim - 1} stack axes; "
             "a factored product takes one layer's factors. Slice the stack (nn.scan does this when "
             "the adapters travel in a scanned collection)"
+        )
+    if factors.b.ndim < 1 or factors.a.shape[-1] != factors.b.shape[0]:
+        raise AdapterMismatchError(
+            f"{op}: factors a {factors.a.shape} and b {factors.b.shape} disagree on the rank "
+            "(a's last axis, b's first); expected a (*fan_in, r) and b (r, *fan_out), as "
+            "jlora.init makes them"
         )
     return factors.a, factors.b
 
@@ -138,6 +168,8 @@ def dense_branch(
             f"adapter's fan-in {a.shape[:-1]}; were these factors made for another layer?"
         )
     x = dropout(x, dropout_rate, rng)
+    if any(_explicit.entries(v) is not None for v in (x, a, b)):
+        return _factored_explicit(checkpoint_name(x, LORA_INPUT), a, b, factors.scale)
     lead, fan_out = x.shape[: x.ndim - n_in], b.shape[1:]
     # Named after the reshape, so the name marks exactly the array the backward pass keeps.
     rows = checkpoint_name(x.reshape(math.prod(lead), math.prod(a.shape[:-1])), LORA_INPUT)
@@ -159,6 +191,23 @@ def _factored(rows: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.
     a_t = jax.lax.optimization_barrier(scaled_a.T)
     xa = jax.lax.dot_general(rows, a_t, (((1,), (1,)), ((), ())))
     return jnp.matmul(xa, b.astype(rows.dtype))
+
+
+def _factored_explicit(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale * (x a) b`` under explicit sharding: no 2-D views, each product's sharding named.
+
+    Flattening split axes is a reshape jax refuses to lay out by itself, so the products contract
+    the fan-in axes in place; ``a`` enters rank-leading behind the barrier, as in
+    :func:`_factored`.
+    """
+    n_in, lead = a.ndim - 1, x.ndim - (a.ndim - 1)
+    scaled_a = a.astype(x.dtype) * jnp.asarray(scale, x.dtype)
+    a_t = jax.lax.optimization_barrier(jnp.moveaxis(scaled_a, -1, 0))
+    dims = ((tuple(range(lead, x.ndim)), tuple(range(1, n_in + 1))), ((), ()))
+    xa = jax.lax.dot_general(x, a_t, dims, out_sharding=_explicit.dot_sharding(x, a_t, dims))
+    b = b.astype(x.dtype)
+    dims = (((lead,), (0,)), ((), ()))
+    return jax.lax.dot_general(xa, b, dims, out_sharding=_explicit.dot_sharding(xa, b, dims))
 
 
 def conv_branch(
@@ -210,8 +259,12 @@ def conv_branch(
         lhs_dilation=input_dilation,
         rhs_dilation=kernel_dilation,
         dimension_numbers=dims,
+        out_sharding=_explicit.rows_sharding(lhs, a),
     )
-    out = jnp.tensordot(y * factors.scale, b.astype(x.dtype), axes=1)
+    y, b = y * factors.scale, b.astype(x.dtype)
+    out = jnp.tensordot(
+        y, b, axes=1, out_sharding=_explicit.dot_sharding(y, b, _explicit.matmul_dims(y.ndim))
+    )
     return out.reshape(*batch, *out.shape[1:])
 
 
@@ -239,7 +292,24 @@ def lookup_branch(ids: jax.Array, factors: LoraFactors) -> jax.Array:
         [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]]
     """
     a, b = _one_layer(factors, "lookup_branch")
-    return jnp.take(a, ids, axis=0) * factors.scale @ b
+    if not jnp.issubdtype(getattr(ids, "dtype", None) or np.float64, jnp.integer):
+        raise TypeError(
+            f"lookup_branch: ids is {_checks.found(ids)} with dtype {getattr(ids, 'dtype', None)}; "
+            "expected integer token ids (an int32 array)"
+        )
+    a_entries, ids_entries = _explicit.entries(a), _explicit.entries(ids)
+    if a_entries is None and ids_entries is None:
+        rows = jnp.take(a, ids, axis=0)
+    else:
+        # Explicit sharding: jax cannot infer a gather's output sharding when the table or the ids
+        # are split, so name it: rows follow the ids (gathering at most a rank-r table).
+        spec = (*(ids_entries or (None,) * ids.ndim), None)
+        out = _explicit.sharding(a if a_entries is not None else ids, spec)
+        rows = a.at[ids].get(mode="fill", out_sharding=out)  # jnp.take's mode
+    rows = rows * factors.scale
+    return jnp.matmul(
+        rows, b, out_sharding=_explicit.dot_sharding(rows, b, _explicit.matmul_dims(rows.ndim))
+    )
 
 
 def attend_branch(x: jax.Array, factors: LoraFactors) -> jax.Array:
@@ -260,6 +330,14 @@ def attend_branch(x: jax.Array, factors: LoraFactors) -> jax.Array:
     """
     a, b = _one_layer(factors, "attend_branch")
     _check_floating(x, "attend_branch")
+    if x.shape[-1:] != b.shape[-1:]:
+        raise AdapterMismatchError(
+            f"attend_branch: the query's last axis {x.shape[-1:]} does not match the embedding's "
+            f"features {b.shape[-1:]}; were these factors made for another layer?"
+        )
     x = checkpoint_name(x, LORA_INPUT)
-    xb = jnp.tensordot(x, b.astype(x.dtype), axes=((x.ndim - 1,), (1,)))
-    return jnp.tensordot(xb * factors.scale, a.astype(x.dtype), axes=((x.ndim - 1,), (1,)))
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    xb = jnp.tensordot(x, b, axes=dims[0], out_sharding=_explicit.dot_sharding(x, b, dims))
+    xb = xb * factors.scale
+    return jnp.tensordot(xb, a, axes=dims[0], out_sharding=_explicit.dot_sharding(xb, a, dims))

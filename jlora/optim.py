@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import optax
 
+from . import _checks
 from ._extras import Trainable
 from ._factors import LoraFactors
 
@@ -133,6 +134,7 @@ def lora_plus(
 
     Raises:
         ValueError: ``ratio`` is not a positive number.
+        TypeError: ``optimizer`` is not an optax optimizer (e.g. ``optax.adam`` uncalled).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, jlora
@@ -145,7 +147,18 @@ def lora_plus(
         >>> float(updates["w"].a[0, 0]), float(updates["w"].b[0, 0])
         (-0.5, -8.0)
     """
+    _check_optimizer(optimizer)
     return optax.chain(optimizer, scale_by_lora_plus(ratio))
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"optimizer: got {_checks.found(optimizer)}; expected an optax.GradientTransformation, "
+            "e.g. optax.adamw(1e-3) (an optimizer made by calling optax.adamw, not the function)"
+        )
 
 
 def _checked_factor_count(tree: Any, caller: str) -> None:
@@ -270,6 +283,7 @@ def freeze_base(optimizer: optax.GradientTransformation) -> optax.GradientTransf
         >>> float(abs(updates["params"]["w"]).max()), float(updates["lora"]["w"].a[0, 0])
         (0.0, -0.5)
     """
+    _check_optimizer(optimizer)
     return _partition(
         {"lora": optimizer, "frozen": optax.set_to_zero()},
         lambda tree: labels(tree, a="lora", b="lora", other="frozen", trainable="lora"),

@@ -37,7 +37,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from . import _peft_config, _peft_extras, _peft_files
+from . import _checks, _peft_config, _peft_extras, _peft_files
 from ._config import LoraConfig
 from ._errors import AdapterMismatchError, ConfigError, PeftFormatError
 from ._extras import Trainable
@@ -71,6 +71,11 @@ def path_to_module(path: str) -> str:
         >>> path_to_module("decoder/layers_0/attn/query/kernel")
         'decoder.layers_0.attn.query'
     """
+    if not isinstance(path, str):
+        raise PeftFormatError(
+            f"path_to_module: got {path!r}; expected a '/'-joined parameter path such as "
+            "'decoder/layers_0/attn/query/kernel'"
+        )
     *parents, leaf = path.split("/")
     if leaf not in ("kernel", "embedding") or not parents or any("." in p for p in parents):
         raise PeftFormatError(
@@ -93,6 +98,15 @@ def module_to_path(module: str, kind: Kind) -> str:
         >>> module_to_path("model.embed_tokens", "embedding")
         'model/embed_tokens/embedding'
     """
+    if not isinstance(module, str) or not module:
+        raise PeftFormatError(
+            f"module_to_path: module {module!r} is not a torch module name; expected a dotted "
+            "name such as 'model.layers.0.self_attn.q_proj'"
+        )
+    if kind not in ("linear", "embedding"):
+        raise PeftFormatError(
+            f"module_to_path: kind {kind!r} is invalid; expected 'linear' or 'embedding'"
+        )
     return module.replace(".", "/") + ("/embedding" if kind == "embedding" else "/kernel")
 
 
@@ -143,6 +157,9 @@ def save(
             module (or two map to the same one), an adapter's scale is not its config's
             ``alpha / r``, or ``target_modules`` misses an adapted module; an extra is not a
             Linear, Embedding or norm parameter, or belongs to an adapted module.
+        TypeError: ``directory``, ``config``, ``path_to_module``, ``target_modules`` or
+            ``flatten`` is of the wrong kind.
+        NotADirectoryError: ``directory`` is, or lies under, a file.
 
     Example:
         >>> import os, tempfile, jax, jax.numpy as jnp, jlora
@@ -162,6 +179,23 @@ def save(
         >>> loaded_config.trainable, loaded["classifier"]["kernel"].value.shape
         (('classifier/bias', 'classifier/kernel'), (3, 2))
     """
+    directory = _checks.path(directory, "directory")
+    _checks.not_a_file(directory, "directory")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"config: got {_checks.found(config)}; expected the jlora.LoraConfig the adapters were "
+            "made with"
+        )
+    _checks.function(path_to_module, "path_to_module", "lambda path: path.replace('/', '.')")
+    _checks.flag(flatten, "flatten")
+    if target_modules is not None and not isinstance(target_modules, str):
+        if not isinstance(target_modules, Sequence) or not all(
+            isinstance(m, str) for m in target_modules
+        ):
+            raise TypeError(
+                f"target_modules: got {_checks.found(target_modules)}; expected None, a regex "
+                "string or a list of module names, e.g. ['q_proj', 'v_proj']"
+            )
     table, extras = adapter_tables(adapters)
     if not table:
         raise PeftFormatError("save: the adapter tree is empty; expected the output of jlora.init")
@@ -313,7 +347,9 @@ def load(
         >>> loaded["out"]["kernel"].a.shape, loaded["out"]["kernel"].scale
         ((4, 2), 2.0)
     """
-    directory = os.fspath(directory)
+    directory = _checks.path(directory, "directory")
+    _checks.function(module_to_path, "module_to_path", "lambda module, kind: module + '/kernel'")
+    _checks.flag(check_finite, "check_finite")
     data, config_file = _peft_files.read_config_data(directory)
     weights_file = os.path.join(directory, WEIGHTS_NAME)
     tensors = _peft_files.read_tensors(directory, check_finite)

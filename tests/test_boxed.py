@@ -122,3 +122,107 @@ def test_a_rule_that_shards_the_rank_axis_is_refused():
     assert isinstance(shardings["up"]["kernel"].a, NamedSharding)
     with pytest.raises(AdapterMismatchError, match=r"up/kernel: factor a .* shards the rank axis"):
         jlora.sharding.check_factor_shardings(adapters, shardings, mesh)
+
+
+# logical_factor_shardings: Flax's mapping, with the checks Flax leaves out ------------------------
+
+
+def _boxed_adapters(seed: int):
+    x, params = _setup(seed)
+    adapted = jlora.linen.lora(Block(), LoraConfig(targets=".*/kernel", rank=2))
+    return adapted.init_adapters(jax.random.key(seed + 1), params, x)
+
+
+def test_logical_factor_shardings_equal_flaxs_for_valid_rules():
+    adapters = _boxed_adapters(7)
+    mesh = _mesh()
+    got = jlora.sharding.logical_factor_shardings(adapters, mesh, RULES)
+    want = nn.logical_to_mesh_sharding(nn.get_partition_spec(adapters), mesh, RULES)
+    assert jax.tree.leaves(got) == jax.tree.leaves(want)
+    assert got["heads"]["kernel"].b.spec == P(None, "model", None)
+    jlora.sharding.check_factor_shardings(adapters, got)
+    with nn.logical_axis_rules(RULES):  # rules from Flax's context by default
+        assert jax.tree.leaves(jlora.sharding.logical_factor_shardings(adapters, mesh)) == (
+            jax.tree.leaves(got)
+        )
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        (
+            (("embed", None), ("heads", "model"), ("kv", None)),  # no rule for "mlp"
+            r"^heads/kernel: factor a has logical axis name 'mlp' \(names \('mlp', 'lora_rank'\)\), "
+            r"which no rule maps; the rules name \['embed', 'heads', 'kv'\]\. Add a rule "
+            r"\('mlp', <mesh axis>\)",
+        ),
+        (
+            (*RULES, (RANK_AXIS, "data")),
+            r"^DenseGeneral_0/kernel: factor a: the rule \('lora_rank', 'data'\) shards the rank "
+            r"axis; .* Remove the rule or map 'lora_rank' to None",
+        ),
+        (
+            (("embed", None), ("mlp", "tensor"), ("heads", "model"), ("kv", None)),
+            r"^heads/kernel: factor a: logical axis 'mlp' maps to mesh axis 'tensor' \(rules .*\) but "
+            r"the mesh has axes \('data', 'model'\); fix the rule or the mesh",
+        ),
+        (
+            (("embed", None), ("mlp", None), ("heads", None), ("kv", "model")),
+            r"^DenseGeneral_0/kernel: factor a: PartitionSpec P\(None, 'model', None\) splits axis "
+            r"1 of shape \(4, 2, 2\) into 4 parts \(mesh axes 'model'\), which do not divide 2",
+        ),
+    ],
+    ids=["name-without-rule", "rank-rule", "mesh-lacks-axis", "does-not-divide"],
+)
+def test_bad_logical_rules_name_the_path(rules, message):
+    adapters = _boxed_adapters(8)
+    with pytest.raises(AdapterMismatchError, match=message):
+        jlora.sharding.logical_factor_shardings(adapters, _mesh(), rules)
+
+
+def test_logical_factor_shardings_need_boxes_and_read_mesh_axis_names():
+    params = {"w": jnp.zeros((8, 4))}
+    plain = jlora.init(jax.random.key(0), params, LoraConfig(targets="w", rank=2))
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^w: factor a is a plain ArrayImpl, not boxed with axis names; .* "
+        r"jlora.sharding.factor_shardings\(adapters, param_shardings\)",
+    ):
+        jlora.sharding.logical_factor_shardings(plain, _mesh(), RULES)
+    boxed = {"w": nn.Partitioned(jnp.zeros((8, 4)), names=("data", "model"))}
+    adapters = jlora.init(jax.random.key(0), boxed, LoraConfig(targets="w", rank=2))
+    shardings = jlora.sharding.logical_factor_shardings(adapters, _mesh(), ())
+    assert (shardings["w"].a.spec, shardings["w"].b.spec) == (P("data", None), P(None, "model"))
+    boxed = {"w": nn.Partitioned(jnp.zeros((8, 4)), names=(None, "tensor"))}
+    adapters = jlora.init(jax.random.key(0), boxed, LoraConfig(targets="w", rank=2))
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"^w: factor b: PartitionSpec P\(None, 'tensor'\) names mesh axis 'tensor' but the "
+        r"mesh has axes \('data', 'model'\)",
+    ):
+        jlora.sharding.logical_factor_shardings(adapters, _mesh(), ())
+
+
+class ThreeNames(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, kernel_init=_logical(("embed", "mlp", "extra")))(x)
+
+
+def test_boxed_names_that_disagree_with_the_weights_rank_are_refused():
+    x = jnp.ones((2, 8))
+    params = ThreeNames().init(jax.random.key(0), x)["params"]
+    message = (
+        r"^Dense_0/kernel: the weight is boxed \(LogicallyPartitioned\) with 3 logical axis names "
+        r"\('embed', 'mlp', 'extra'\) but has 2 axes \(shape \(8, 4\)\); give one name \(or None\) "
+        r"per axis"
+    )
+    with pytest.raises(AdapterMismatchError, match=message):
+        jlora.init(jax.random.key(1), params, LoraConfig(targets=".*/kernel", rank=2))
+    adapted = jlora.linen.lora(ThreeNames(), LoraConfig(targets=".*/kernel", rank=2))
+    with pytest.raises(AdapterMismatchError, match=message):
+        adapted.init_adapters(jax.random.key(1), params, x)
+    # Fewer names than axes are a short PartitionSpec, as in Flax: the rest are replicated.
+    short = {"w": nn.LogicallyPartitioned(jnp.zeros((8, 4)), names=("embed",))}
+    adapters = jlora.init(jax.random.key(1), short, LoraConfig(targets="w", rank=2))
+    assert adapters["w"].b.names == (RANK_AXIS, None)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from test_checkpoint import CONFIG, ROOT, _adapters, _params, _save_base
 
 import jlora
@@ -26,6 +27,7 @@ from jlora import peft as jpeft
 from jlora.__main__ import main
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+_TEXT = {"capture_output": True, "text": True, "check": True, "timeout": 60}
 
 
 def _setup(tmp_path, seeds=(1,)):
@@ -184,6 +186,106 @@ def test_a_failed_write_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypa
         err.startswith("jlora merge: error: writing the merged checkpoint failed")
         and len(err.splitlines()) == 1
     )
+
+
+def test_a_save_that_fails_to_write_is_one_oserror_and_leaves_nothing(tmp_path, monkeypatch):
+    async def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    params = _params()
+    checkpoint.save(tmp_path, _adapters(params), CONFIG, step=1)
+    (tmp_path / "2.orbax-checkpoint-tmp").mkdir()  # not this save's (maybe a live orbax's)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", full_disk)
+    with pytest.raises(OSError, match=r"2: writing the adapter checkpoint failed") as caught:
+        checkpoint.save(tmp_path, _adapters(params, seed=2), CONFIG, step=2)
+    assert caught.value.errno == 28
+    assert str(caught.value).endswith(
+        "(No space left on device); nothing was saved there and the partial files were "
+        "removed. Free space and save again"
+    )
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2.orbax-checkpoint-tmp"]
+
+
+def test_partial_files_still_being_written_are_left_to_the_next_save(tmp_path, monkeypatch):
+    # As if orbax's writes outlived the wait: the directory cannot be deleted yet.
+    async def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def busy(self, *args, **kwargs):
+        raise OSError(39, "Directory not empty")
+
+    params = _params()
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.JsonCheckpointHandler, "async_save", full_disk)
+        patch.setattr(epath.gpath._GPath, "rmtree", busy)
+        patch.setattr(_atomic.time, "sleep", lambda seconds: None)
+        with pytest.raises(OSError, match=r"the partial files in .*\.1\.jlora-save-\d+-\w+ are "):
+            checkpoint.save(tmp_path, _adapters(params), CONFIG, step=1)
+    (left,) = tmp_path.iterdir()
+    assert json.loads((left / "journal.json").read_text())["state"] == "failed"
+    checkpoint.save(tmp_path, _adapters(params), CONFIG, step=1)  # removes it, and saves
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+def test_a_save_beyond_the_file_size_limit_says_so_in_one_line(tmp_path):
+    # A real write failure (EFBIG from RLIMIT_FSIZE, as close to a full disk as a test gets
+    # without root), in a child whose whole stderr is the one uncaught error.
+    checkpoint.save(tmp_path, _adapters(_params()), CONFIG, step=1)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import resource, signal, sys
+            sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+            from test_checkpoint import CONFIG, _adapters, _params
+            from jlora import checkpoint
+            adapters = _adapters(_params(), seed=2)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+            try:
+                checkpoint.save({str(tmp_path)!r}, adapters, CONFIG, step=2)
+            except OSError as e:
+                print(e, file=sys.stderr)
+                sys.exit(17)
+            """),
+        ],
+        env=ENV,
+        cwd=ROOT,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 17, done.stderr[-3000:]
+    assert done.stderr == (
+        f"[Errno 27] {tmp_path / '2'}: writing the adapter checkpoint failed (File too large); "
+        "nothing was saved there and the partial files were removed. Raise the file size limit "
+        "(ulimit -f) and save again\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+def test_a_save_removes_only_the_leftovers_of_saves_that_can_no_longer_finish(tmp_path):
+    params = _params()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_TEXT)
+    dead_pid = int(dead.stdout)
+    killed = tmp_path / f".7.jlora-save-{dead_pid}-0123456789ab"  # a killed save's
+    killed.mkdir()
+    (killed / "checkpoint.orbax-checkpoint-tmp").mkdir()
+    live = _atomic.Scratch.create(tmp_path / "8", kind="save")  # this process's, in flight
+    failed = _atomic.Scratch.create(tmp_path / "9", kind="save")  # this process's, failed
+    failed.write_state("failed")
+    other_host = tmp_path / f".5.jlora-save-{dead_pid}-00000000000a"
+    other_host.mkdir()
+    (other_host / "journal.json").write_text(json.dumps({"pid": dead_pid, "host": "elsewhere"}))
+    not_a_save = tmp_path / ".6.jlora-save-abc"
+    not_a_save.mkdir()
+    checkpoint.save(tmp_path, _adapters(params), CONFIG, step=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["1", live.path.name, other_host.name, not_a_save.name]
+    )
+    assert checkpoint.steps(tmp_path) == [1]
 
 
 # --- kills between the renames, and leftovers ------------------------------------------------
@@ -393,6 +495,10 @@ def test_adapter_save_survives_random_kills(tmp_path):
             break
     assert kills >= 20
     assert 0 in checkpoint.steps(tmp_path)
+    # Killed saves leave only their scratch directories, which the next save removes.
+    assert all(p.name.isdigit() or ".jlora-save-" in p.name for p in tmp_path.iterdir())
+    checkpoint.save(tmp_path, saved[0], CONFIG, step=1000)
+    assert all(p.name.isdigit() for p in tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -247,3 +247,20 @@ def test_factor_shardings_missing_or_without_a_mesh(mesh, stacked):
         r"NamedSharding",
     ):
         lsh.check_factor_shardings(stacked, {"blocks": {"q": {"kernel": {"a": P(), "b": P()}}}})
+
+
+def test_a_split_that_does_not_divide_its_axis_names_the_path(mesh):
+    params = {"w": jax.ShapeDtypeStruct((6, 8), jnp.float32)}  # 6 rows over 4 model devices
+    config = LoraConfig(targets="w", rank=2)
+    adapters = jax.eval_shape(lambda: jlora.init(jax.random.key(0), params, config))
+    message = (
+        r"^w: factor a: PartitionSpec P\('model', None\) splits axis 0 of shape \(6, 2\) into 4 "
+        r"parts \(mesh axes 'model'\), which do not divide 6; choose mesh axes whose sizes divide "
+        r"it, or leave this axis replicated \(None\)"
+    )
+    with pytest.raises(AdapterMismatchError, match=message):
+        lsh.factor_shardings(adapters, {"w": P("model", None)}, mesh)
+    with pytest.raises(AdapterMismatchError, match=message):
+        lsh.init(jax.random.key(0), params, config, {"w": P("model", None)}, mesh=mesh)
+    with pytest.raises(AdapterMismatchError, match=message.replace("'model', None", "'model',")):
+        lsh.check_factor_shardings(adapters, {"w": {"a": P("model"), "b": P()}}, mesh)

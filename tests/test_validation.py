@@ -546,3 +546,225 @@ def test_factor_specs_that_do_not_divide_their_axis_are_refused(tmp_path):
                 "w": {"a": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P(None, "x"))}
             },
         )
+
+
+# --- every public entry point: plain values of the wrong kind ----------------------------------
+# One row per class the sweep of issue 12 found raising a raw os/jax/optax error or accepting a
+# wrong value silently; each now names the parameter, what it got and what it expects.
+
+_P = {"dense": {"kernel": jnp.ones((4, 3))}, "emb": {"embedding": jnp.ones((10, 4))}}
+_C = LoraConfig(targets="dense/kernel", rank=2)
+
+
+def _small():
+    adapters = jlora.init(jax.random.key(0), _P, _C)
+    return adapters, adapters["dense"]["kernel"]
+
+
+def _embedding_factors():
+    config = LoraConfig(targets="emb/embedding", rank=2)
+    return jlora.init(jax.random.key(0), _P, config)["emb"]["embedding"]
+
+
+_PATHS = [
+    (lambda d, a: checkpoint.save(None, a, _C), "directory: got None; expected a directory path"),
+    (lambda d, a: checkpoint.save(3, a, _C), r"directory: got a int \(3\); expected a directory"),
+    (lambda d, a: checkpoint.restore(""), "directory: got a str .*expected a directory path"),
+    (lambda d, a: checkpoint.steps(None), "directory: got None"),
+    (lambda d, a: checkpoint.merge_checkpoint(None, d, d / "o"), "base_dir: got None"),
+    (lambda d, a: checkpoint.merge_checkpoint(d, None, d / "o"), "adapter_dir: got None"),
+    (lambda d, a: checkpoint.recover_merge(None), "out_dir: got None"),
+    (lambda d, a: jpeft.save(None, a, _C), "directory: got None"),
+    (lambda d, a: jpeft.load(None, _P), "directory: got None"),
+]
+
+
+@pytest.mark.parametrize("call, match", _PATHS)
+def test_paths_that_are_not_paths_are_named(tmp_path, call, match):
+    adapters, _ = _small()
+    with pytest.raises(TypeError, match=match):
+        call(tmp_path, adapters)
+
+
+def test_a_file_where_a_directory_is_expected_is_named(tmp_path):
+    adapters, _ = _small()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"^directory {afile}: is a file; expected a"):
+        checkpoint.steps(afile)
+    with pytest.raises(
+        NotADirectoryError, match=rf"^directory {afile}: is a file, not a directory"
+    ):
+        jpeft.save(afile, adapters, _C)
+    with pytest.raises(NotADirectoryError, match=rf"lies under {afile}, which is a file"):
+        jpeft.save(afile / "p", adapters, _C)
+    with pytest.raises(OSError, match=rf"{afile}/ck: cannot create the checkpoint's directory "):
+        checkpoint.save(afile / "ck", adapters, _C)
+    with pytest.raises(NotADirectoryError, match=rf"^out {afile}/o: lies under {afile}, which is"):
+        checkpoint.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", afile / "o")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+_FLAGS = [
+    (lambda d, a: jlora.merge(_P, a, check_finite="yes"), "check_finite: got a str"),
+    (lambda d, a: checkpoint.restore(d, check_finite="no"), "check_finite: got a str"),
+    (lambda d, a: checkpoint.restore(d, base_digest=None), "base_digest: got None"),
+    (lambda d, a: checkpoint.save(d / "s", a, _C, base_digest=1), r"base_digest: got a int \(1\)"),
+    (lambda d, a: checkpoint.merge_checkpoint(d, d, d / "o", overwrite="no"), "overwrite: got a"),
+    (lambda d, a: jpeft.load(d, _P, check_finite=0), "check_finite: got a int"),
+    (lambda d, a: jpeft.save(d / "p", a, _C, flatten="no"), "flatten: got a str"),
+]
+
+
+@pytest.mark.parametrize("call, match", _FLAGS)
+def test_flags_take_only_booleans(tmp_path, call, match):
+    adapters, _ = _small()
+    checkpoint.save(tmp_path, adapters, _C, step=0)
+    with pytest.raises(TypeError, match=rf"^{match}.*; expected True or False$"):
+        call(tmp_path, adapters)
+
+
+def test_numpy_integer_steps_are_steps(tmp_path):
+    adapters, _ = _small()
+    assert checkpoint.save(tmp_path, adapters, _C, step=np.int64(3)).name == "3"
+    assert checkpoint.restore(tmp_path, step=np.int32(3))[1] == _C
+    with pytest.raises(ValueError, match=r"^step: np.True_ is invalid; expected an integer >= 0"):
+        checkpoint.restore(tmp_path, step=np.True_)
+
+
+_KEYS = [
+    (lambda: jlora.init(None, _P, _C), "key: got None; expected a PRNG key"),
+    (lambda: jlora.init(0, _P, _C), r"key: got a int \(0\); expected a PRNG key"),
+    (
+        lambda: jlora.lowrank.init_factors("k", 4, 3, 1),
+        r"key: got a str \(.k.\); expected a PRNG key",
+    ),
+    (lambda: ops.dropout(jnp.ones(3), 0.5, 7), r"rng: got a int \(7\); expected a PRNG key"),
+]
+
+
+@pytest.mark.parametrize("call, match", _KEYS)
+def test_prng_keys_are_checked(call, match):
+    with pytest.raises(TypeError, match=rf"^{match}, e.g. jax.random.key\(0\)"):
+        call()
+
+
+def test_legacy_uint32_keys_still_work():
+    adapters = jlora.init(jax.random.PRNGKey(0), _P, _C)
+    assert adapters["dense"]["kernel"].a.shape == (4, 2)
+
+
+_TYPES = [
+    (lambda a, f: jlora.init(jax.random.key(0), _P, "x"), "config: got a str .*expected a jlora"),
+    (lambda a, f: jpeft.save("p", a, None), "config: got None; expected the jlora.LoraConfig"),
+    (lambda a, f: jpeft.save("p", a, _C, path_to_module="x"), "path_to_module: got a str"),
+    (lambda a, f: jpeft.save("p", a, _C, target_modules=123), "target_modules: got a int"),
+    (lambda a, f: jpeft.load("p", _P, module_to_path=None), "module_to_path: got None"),
+    (lambda a, f: jlora.optim.lora_plus(None), "optimizer: got None; expected an optax"),
+    (lambda a, f: jlora.optim.freeze_base(optax.adam), r"optimizer: got the function optax\."),
+    (lambda a, f: jlora.summary(a, kinds="x"), "kinds: got a str"),
+    (lambda a, f: ops.dense_branch(jnp.ones((2, 4)), None), "dense_branch: factors is None"),
+    (lambda a, f: ops.dense_branch(None, f), "dense_branch: the input is None; expected an array"),
+    (lambda a, f: ops.lookup_branch(jnp.ones(2), f), "lookup_branch: ids is .* dtype float32"),
+    (lambda a, f: jlora.analysis.singular_basis(None), "singular_basis: factors is None"),
+]
+
+
+@pytest.mark.parametrize("call, match", _TYPES)
+def test_values_of_the_wrong_type_are_named(call, match):
+    adapters, factors = _small()
+    with pytest.raises(TypeError, match=rf"^{match}"):
+        call(adapters, factors)
+
+
+_VALUES = [
+    (lambda a, f: jlora.merge(_P, None), AdapterMismatchError, "adapters: got None; expected"),
+    (lambda a, f: jlora.unmerge(_P, None), AdapterMismatchError, "adapters: got None"),
+    (lambda a, f: jlora.delta(None), AdapterMismatchError, "adapters: got None"),
+    (lambda a, f: jlora.summary(None), AdapterMismatchError, "adapters: got None"),
+    (lambda a, f: jlora.count_params(_P, None), AdapterMismatchError, "adapters: got None"),
+    (lambda a, f: jlora.count_params(None, a), TypeError, "params: got None"),
+    (lambda a, f: LoraConfig(targets=""), ConfigError, "LoraConfig.targets: '' is an empty"),
+    (lambda a, f: jlora.Layout(0, 1), ValueError, r"Layout.fan_in_ndim: 0 is invalid"),
+    (lambda a, f: jlora.Layout(1, "a"), ValueError, r"Layout.fan_out_ndim: 'a' is invalid"),
+    (lambda a, f: jlora.LoraFactors(f.a, f.b, 1.0, None), ConfigError, "LoraFactors: layout None"),
+    (
+        lambda a, f: ops.dropout(jnp.ones(3), float("nan"), None),
+        ValueError,
+        "LoRA dropout rate nan",
+    ),
+    (
+        lambda a, f: ops.dense_branch(jnp.ones((2, 4)), f, dropout_rate=1.5, rng=None),
+        ValueError,
+        r"LoRA dropout rate 1.5 is invalid; expected a number in \[0, 1\)",
+    ),
+    (
+        lambda a, f: ops.dense_branch(jnp.ones((2, 4)), jlora.LoraFactors(f.a, f.a, 1.0, f.layout)),
+        AdapterMismatchError,
+        r"dense_branch: factors a \(4, 2\) and b \(4, 2\) disagree on the rank",
+    ),
+    (
+        lambda a, f: ops.attend_branch(jnp.ones((2, 7)), _embedding_factors()),
+        AdapterMismatchError,
+        r"attend_branch: the query's last axis \(7,\) does not match the embedding's features",
+    ),
+    (
+        lambda a, f: jlora.analysis.subspace_similarity(np.full((4, 2), np.nan), np.eye(4)),
+        ValueError,
+        "u1: holds 8 NaN or infinite values",
+    ),
+    (lambda a, f: jlora.analysis.lora_param_count(2, 8, -1), ValueError, "rank: -1 is invalid"),
+    (
+        lambda a, f: jlora.analysis.adapter_tuning_param_count(1.5, 8, 2, 1),
+        ValueError,
+        "num_adapters: 1.5 is invalid; expected an integer >= 0",
+    ),
+    (lambda a, f: jpeft.module_to_path(None, "linear"), PeftFormatError, "module_to_path: module"),
+    (
+        lambda a, f: jpeft.module_to_path("a", "conv"),
+        PeftFormatError,
+        "module_to_path: kind 'conv'",
+    ),
+    (lambda a, f: jpeft.path_to_module(3), PeftFormatError, "path_to_module: got 3"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", _VALUES)
+def test_wrong_values_are_refused_not_taken(call, error, match):
+    adapters, factors = _small()
+    with pytest.raises(error, match=rf"^{match}"):
+        call(adapters, factors)
+
+
+def test_plots_name_a_bad_grid_or_path(tmp_path):
+    plot = jlora.analysis.plot_subspace_similarity
+    with pytest.raises(ValueError, match=r"^grid: expected a 2-D array .*found shape \(3,\)"):
+        plot(np.ones(3), str(tmp_path / "g.png"))
+    with pytest.raises(FileNotFoundError, match=r"its directory .*nodir does not exist; expected"):
+        plot(np.eye(2), str(tmp_path / "nodir" / "g.png"))
+    with pytest.raises(FileNotFoundError, match=rf"^path {tmp_path}: is a directory; expected"):
+        plot(np.eye(2), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_directory_of_another_kind_is_named(tmp_path):
+    adapters, _ = _small()
+    ckpt = checkpoint.save(tmp_path / "ckpt", adapters, _C)
+    peft_dir, base, out = tmp_path / "peft", tmp_path / "base", tmp_path / "out"
+    jpeft.save(peft_dir, adapters, _C)
+    _save_base(base, _P)
+    with pytest.raises(
+        FileNotFoundError, match=r"peft holds a PEFT adapter: read it with jlora\.pe"
+    ):
+        checkpoint.restore(peft_dir)
+    with pytest.raises(FileNotFoundError, match=r"base is an orbax PyTree checkpoint \(a model's"):
+        checkpoint.restore(base)
+    with pytest.raises(
+        FileNotFoundError, match=r"ckpt is a jlora adapter checkpoint: read it with"
+    ):
+        jpeft.load(ckpt, _P)
+    with pytest.raises(ValueError, match=rf"^base {peft_dir} is a PEFT adapter; expected the base"):
+        checkpoint.merge_checkpoint(peft_dir, ckpt, out)
+    with pytest.raises(FileNotFoundError, match=r"peft holds a PEFT adapter"):
+        checkpoint.merge_checkpoint(base, peft_dir, out)
+    assert not out.exists()
