@@ -241,13 +241,13 @@ def compiled_steps(job: Job) -> dict[str, Any]:
     lora = job.step.lower(adapters, opt_state, params, x, y).compile()
 
     def floor(params, x, y, offset):
-        def add_offset(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if isinstance(context.module, nn.Embed) and context.method_name == "__call__":
-                return out + offset
-            return out
-
         def loss(offset):
+            def add_offset(next_fun, args, kwargs, context):  # closes over the traced offset
+                out = next_fun(*args, **kwargs)
+                if isinstance(context.module, nn.Embed) and context.method_name == "__call__":
+                    return out + offset
+                return out
+
             with nn.intercept_methods(add_offset):
                 return xent(job.model.apply({"params": params}, x), y)
 
@@ -294,6 +294,12 @@ def memory_table(job: Job, steps: dict[str, Any]) -> str:
         "floor": base + data + per_device_bytes(steps["floor_offset"]),
         "full": 3 * base + data + 4,  # weights, two Adam moments, the step count
     }
+    return memory_rows(predicted, steps)
+
+
+def memory_rows(predicted: dict[str, int], steps: dict[str, Any]) -> str:
+    """The markdown table of :func:`memory_table`: per step, the arithmetic for its arguments
+    (``predicted``) beside ``memory_analysis()`` of the compiled step (``steps``)."""
     rows = ["| step | arguments (arithmetic) | arguments (compiler) | temporaries | outputs |",
             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name in ("floor", "lora", "full"):

@@ -137,7 +137,8 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
     exactly its trainable extras, with their shapes and dtypes.
 
     Args:
-        model: an adapted ``nnx.Module``.
+        model: an adapted ``nnx.Module``; its own factors may be abstract (``jax.ShapeDtypeStruct``
+            values, as ``nnx.eval_shape`` makes), since only their metadata is read.
         adapters: functional adapters for it (from :func:`jlora.init`, :func:`to_adapters`,
             training, or a checkpoint).
 
@@ -187,10 +188,12 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
                 "for it; pass adapters for every adapted layer (jlora.nnx.to_adapters(model) "
                 "lists them)"
             )
-        factors, own = table[path], factors_of(module)
-        if factors.layout != own.layout:
+        # The layer's layout from its metadata: its factor values may be abstract (a model from
+        # nnx.eval_shape, to restore a checkpoint into).
+        factors, own = table[path], module.lora_a.get_metadata()["lora_layout"]
+        if factors.layout != own:
             raise AdapterMismatchError(
-                f"{path}: adapter layout {factors.layout} differs from the layer's {own.layout}; "
+                f"{path}: adapter layout {factors.layout} differs from the layer's {own}; "
                 "were these adapters made for another model?"
             )
         check_fit(path, weight_of(module).get_value(), factors)

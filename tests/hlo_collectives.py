@@ -20,6 +20,8 @@ import collections
 import dataclasses
 import math
 import re
+from collections.abc import Iterable
+from typing import Any
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -128,3 +130,27 @@ def table(found: list[Collective]) -> dict[str, tuple[int, int, int]]:
                 sum(c.bytes for c in of_kind),
             )
     return out
+
+
+def weight_shapes(
+    weights: Iterable[tuple[str, tuple[int, ...], Any]], *, stacked: str = "layers/"
+) -> set[tuple[int, ...]]:
+    """The shapes a collective moving a weight would have.
+
+    For each ``(path, shape, sharding)``: the global shape and one device's shard, and for a
+    stacked weight (``path`` under ``stacked``, scanned over its first axis) one layer of each.
+    """
+    shapes = set()
+    for path, shape, sharding in weights:
+        shard = sharding.shard_shape(shape)
+        shapes |= {tuple(shape), tuple(shard)}
+        if path.startswith(stacked):
+            shapes |= {tuple(shape[1:]), tuple(shard[1:])}
+    return shapes
+
+
+def weight_sized(found: list[Collective], shapes: set[tuple[int, ...]]) -> collections.Counter:
+    """``Counter({(kind, shape): count})`` of the results and operands with a shape in ``shapes``."""
+    return collections.Counter(
+        (c.kind, a.shape) for c in found for a in c.results + c.operands if a.shape in shapes
+    )

@@ -595,3 +595,14 @@ def test_set_adapters_may_change_rank_and_scale():
     assert model.layers[0].lora_a.get_metadata()["lora_scale"] == 0.5
     merged = jlora.nnx.merge(model)
     _assert_trees_equal(_pure(merged), jlora.merge(params, adapters))
+
+
+def test_to_state_fills_an_abstract_model():
+    # Restoring a checkpoint into the model nnx.eval_shape makes: no factor is drawn first.
+    config = LoraConfig(targets=".*kernel", rank=2)
+    model = jlora.nnx.lora(_mlp(), config, rngs=0)
+    abstract = nnx.eval_shape(lambda: jlora.nnx.lora(_mlp(), config, rngs=1))
+    assert isinstance(abstract.layers[0].lora_a.get_value(), jax.ShapeDtypeStruct)
+    state = jlora.nnx.to_state(abstract, jlora.nnx.to_adapters(model))
+    assert jax.tree.structure(state) == jax.tree.structure(nnx.state(model, LoraParam))
+    _assert_trees_equal(nnx.to_pure_dict(state), _pure(model, LoraParam))

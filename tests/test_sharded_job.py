@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from hlo_collectives import collectives, table
+from hlo_collectives import collectives, table, weight_shapes, weight_sized
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -84,23 +84,10 @@ def test_resumed_training_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
     ]
 
 
-def _weight_shapes(job: sj.Job) -> set[tuple[int, ...]]:
-    """Each weight's shape: global, one layer of the stack, and one device's shard of both."""
-    shapes = set()
-    for path, w in jlora._paths.leaves_with_paths(job.params):
-        if path.endswith(("kernel", "embedding")):
-            shard = w.sharding.shard_shape(w.shape)
-            shapes |= {w.shape, shard}
-            if path.startswith("layers/"):
-                shapes |= {w.shape[1:], shard[1:]}
-    return shapes
-
-
 def _weight_sized(found) -> collections.Counter:
-    weights = _weight_shapes(_job())
-    return collections.Counter(
-        (c.kind, a.shape) for c in found for a in c.results + c.operands if a.shape in weights
-    )
+    kernels = jlora._paths.leaves_with_paths(_job().params)
+    weights = [(p, w.shape, w.sharding) for p, w in kernels if p.endswith(("kernel", "embedding"))]
+    return weight_sized(found, weight_shapes(weights))
 
 
 def test_the_lora_step_moves_no_weight_beyond_what_the_frozen_step_moves():
@@ -162,3 +149,12 @@ def test_restore_onto_a_boxed_base_boxes_the_factors_as_init_does(tmp_path):
         np.testing.assert_array_equal(got, want)
     plain, _ = jlora.checkpoint.restore(path)  # no target, no base: plain arrays
     assert jax.tree.structure(plain) == jax.tree.structure(nn.unbox(adapters))
+
+
+def test_the_floor_differentiates_through_every_layer():
+    # The floor is the backward pass for activations: its gradient must not be an exact zero.
+    job = _job()
+    x, y = job.batch(0)
+    offset = jax.device_put(np.zeros((6, 10, MODEL.d_model), np.float32), job.on_batch)
+    loss, grad = _compiled()["floor"](job.params, x, y, offset)
+    assert np.isfinite(float(loss)) and float(np.abs(np.asarray(grad)).sum()) > 0

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 import sharded_decoder as sd
-from hlo_collectives import Array, arrays, collectives, table
+from hlo_collectives import Array, arrays, collectives, table, weight_shapes
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from numerics import EPS32, assert_same_adam_trajectory
@@ -160,15 +160,12 @@ def test_sharded_checkpoint_restores_onto_another_layout(setup, tmp_path):
 
 def _weight_shapes(setup: Setup) -> set[tuple[int, ...]]:
     """Every base weight's shape: global, one layer of the stack, and one device's shard of each."""
-    shapes = set()
     shardings = dict(jlora._paths.leaves_with_paths(setup.shardings))
-    for path, w in jlora._paths.leaves_with_paths(setup.params):
-        if path.endswith(("kernel", "embedding")):
-            shard = shardings[path].shard_shape(w.shape)
-            shapes |= {w.shape, shard}
-            if path.startswith("layers/"):
-                shapes |= {w.shape[1:], shard[1:]}
-    return shapes
+    return weight_shapes(
+        (path, w.shape, shardings[path])
+        for path, w in jlora._paths.leaves_with_paths(setup.params)
+        if path.endswith(("kernel", "embedding"))
+    )
 
 
 def test_lora_adds_only_rank_sized_collectives(setup):
