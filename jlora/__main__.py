@@ -15,7 +15,7 @@ import ctypes.util
 import sys
 from collections.abc import Sequence
 
-from ._ckpt_merge import DEFAULT_GROUP_BYTES, merge_checkpoint, recover_merge
+from .checkpoint._disk_merge import DEFAULT_GROUP_BYTES, merge_checkpoint, recover_merge
 
 
 def _positive_mib(text: str) -> float:

@@ -16,8 +16,8 @@ from trees import random_factors, transformer_params
 import jlora
 import jlora.sharding
 from jlora import AdapterMismatchError, LoraConfig, checkpoint
-from jlora import _ckpt_merge as ckpt_merge
 from jlora.__main__ import main
+from jlora.checkpoint import _disk_merge as ckpt_merge
 
 CONFIG = LoraConfig(
     targets=(r".*/(query|value|up)/kernel", r"embed/embedding", r"stacked"),

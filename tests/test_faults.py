@@ -22,9 +22,9 @@ from test_checkpoint import CONFIG, ROOT, _adapters, _params, _save_base
 
 import jlora
 from jlora import _atomic, _dirs, checkpoint
-from jlora import _ckpt_merge as ckpt_merge
 from jlora import peft as jpeft
 from jlora.__main__ import main
+from jlora.checkpoint import _disk_merge as ckpt_merge
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 _TEXT = {"capture_output": True, "text": True, "check": True, "timeout": 60}
@@ -348,7 +348,7 @@ def test_leftovers_of_killed_merges_are_removed_by_the_next_merge(tmp_path, caps
     _run_child(
         _CHILD_HEADER
         + f"""
-    from jlora import _ckpt_merge
+    from jlora.checkpoint import _disk_merge as _ckpt_merge
     _ckpt_merge._write_group = lambda *a: os._exit(17)
     checkpoint.merge_checkpoint({str(base)!r}, {str(tmp_path / "adapter2")!r}, {str(out)!r},
                                 overwrite=True)
@@ -553,9 +553,9 @@ def test_peft_save_survives_random_kills(tmp_path):
 
 
 def _mixed_pair(directory):
-    metadata = jlora._peft_files.read_metadata(str(directory / "adapter_model.safetensors"))
+    metadata = jlora.peft._files.read_metadata(str(directory / "adapter_model.safetensors"))
     config = json.loads((directory / "adapter_config.json").read_text())
-    return metadata["jlora_config_sha256"] != jlora._peft_files.config_digest(config)
+    return metadata["jlora_config_sha256"] != jlora.peft._files.config_digest(config)
 
 
 def _same_adapters(loaded, config, adapters, expected_config):

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from .._errors import AdapterMismatchError
-from .._linen_layers import LayerKind, Unsupported, kind_of, owns_call
 from .._paths import leaves_with_paths, unbox
+from ..linen._layers import LayerKind, Unsupported, kind_of, owns_call
 from ._bank import AdapterBank
 from ._mixed import STRATEGIES, attend_term, check_ids, dense_term, einsum_term, lookup_term
 from ._slots import BankFactors

@@ -26,9 +26,9 @@ from flax import nnx
 
 from .._errors import AdapterMismatchError, TargetError
 from .._layout import Layout
-from .._nnx_convert import flat_variables, join, node
-from .._nnx_kinds import Kind, is_adapted_class, kind_of
 from .._paths import leaves_with_paths
+from ..nnx._convert import flat_variables, join, node
+from ..nnx._kinds import Kind, is_adapted_class, kind_of
 from ._bank import AdapterBank
 from ._mixed import STRATEGIES, attend_term, check_ids, dense_term, einsum_term, lookup_term
 from ._slots import BankFactors

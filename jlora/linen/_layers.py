@@ -24,10 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import _einsum, _explicit, ops
-from ._custom import CustomLayer, call_argument, equation_of
-from ._factors import LoraFactors
-from ._layout import Layout
+from .. import _einsum, _explicit, ops
+from .._custom import CustomLayer, call_argument, equation_of
+from .._factors import LoraFactors
+from .._layout import Layout
 
 SUPPORTED = (
     "nn.Dense, nn.DenseGeneral and nn.Einsum (their 'kernel'), nn.Conv ('kernel') and nn.Embed "

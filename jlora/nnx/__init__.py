@@ -30,7 +30,7 @@ Sharding follows Flax's conventions: a weight with sharding metadata (``nnx.with
 fan-in names plus the rank axis :data:`jlora.sharding.RANK_AXIS`, replicated; ``b``: the rank axis
 plus its stack and fan-out names), and under a mesh (``jax.set_mesh``, Auto or Explicit axes) they
 are created sharded, as Flax creates the layer's own variables; ``nnx.get_partition_spec``,
-``nnx.Optimizer`` and :func:`merge` keep them so (:mod:`jlora._nnx_sharding`).
+``nnx.Optimizer`` and :func:`merge` keep them so (:mod:`jlora.nnx._sharding`).
 
 Stacked layers (built with ``nnx.vmap``, run with ``nnx.scan`` or ``nnx.vmap``) get stacked factors
 ``a: (L, *fan_in, r)``, ``b: (L, r, *fan_out)`` and, with dropout, one rng stream per layer. A scan
@@ -63,15 +63,19 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from ._config import LoraConfig
-from ._custom import CustomLayer, check_layers
-from ._errors import MissingRngError, TargetError
-from ._extras import check_trainable_paths
-from ._factors import init
-from ._layout import Layout
-from ._merge import factors_by_path
-from ._nnx_adapted import LoraParam, attach, check_free, is_adapted
-from ._nnx_convert import (
+from .._config import LoraConfig
+from .._custom import CustomLayer, check_layers
+from .._errors import MissingRngError, TargetError
+from .._extras import check_trainable_paths
+from .._factors import init
+from .._layout import Layout
+from .._merge import factors_by_path
+from .._paths import nest
+from .._summary import AdapterSummary
+from .._summary import summary as summarise
+from .._targets import check_patterns, exact_config
+from ._adapted import LoraParam, attach, check_free, is_adapted
+from ._convert import (
     adapted,
     check_module,
     flat_variables,
@@ -82,13 +86,9 @@ from ._nnx_convert import (
     to_adapters,
     to_state,
 )
-from ._nnx_extras import TRAINABLE, mark
-from ._nnx_kinds import SUPPORTED, custom_kind, kind_of
-from ._nnx_sharding import factor_metadata
-from ._paths import nest
-from ._summary import AdapterSummary
-from ._summary import summary as summarise
-from ._targets import check_patterns, exact_config
+from ._extras import TRAINABLE, mark
+from ._kinds import SUPPORTED, custom_kind, kind_of
+from ._sharding import factor_metadata
 
 __all__ = [
     "TRAINABLE",

@@ -37,18 +37,19 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _peft_config, _peft_extras, _peft_files
-from ._config import LoraConfig
-from ._errors import AdapterMismatchError, ConfigError, PeftFormatError
-from ._extras import Trainable
-from ._factors import LoraFactors
-from ._layout import Layout
-from ._merge import adapter_tables
-from ._paths import leaves_with_paths, nest
-from ._peft_files import CONFIG_NAME as CONFIG_NAME
-from ._peft_files import WEIGHTS_NAME as WEIGHTS_NAME
-from ._peft_files import Kind
-from ._targets import default_layout
+from .. import _checks
+from .._config import LoraConfig
+from .._errors import AdapterMismatchError, ConfigError, PeftFormatError
+from .._extras import Trainable
+from .._factors import LoraFactors
+from .._layout import Layout
+from .._merge import adapter_tables
+from .._paths import leaves_with_paths, nest
+from .._targets import default_layout
+from . import _adapter_config, _extras, _files
+from ._files import CONFIG_NAME as CONFIG_NAME
+from ._files import WEIGHTS_NAME as WEIGHTS_NAME
+from ._files import Kind
 
 __all__ = [
     "CONFIG_NAME",
@@ -132,7 +133,7 @@ def save(
     as it was. The tensors' header records digests of the tensors and of the config, which
     :func:`load` checks: a save killed between the two renames is completed by the next
     :func:`load` or :func:`save`, and a pair from two saves is refused (see
-    ``jlora._peft_files``). Other files in ``directory`` are left alone.
+    ``jlora.peft._files``). Other files in ``directory`` are left alone.
 
     Args:
         directory: where to write (created if missing); the two files are replaced if present.
@@ -205,12 +206,12 @@ def save(
     kinds: dict[str, Kind] = {}
     owner: dict[str, str] = {}
     for path, f in table.items():
-        kind, a_t, b_t = _peft_files.peft_pair(path, f, flatten)
+        kind, a_t, b_t = _files.peft_pair(path, f, flatten)
         module = path_to_module(path)
-        if not isinstance(module, str) or not module or module.startswith(_peft_files.PREFIX):
+        if not isinstance(module, str) or not module or module.startswith(_files.PREFIX):
             raise PeftFormatError(
                 f"{path}: path_to_module returned {module!r}; expected the torch module's dotted "
-                f"name without the {_peft_files.PREFIX!r} prefix, e.g. 'model.layers.0.self_attn.q_proj'"
+                f"name without the {_files.PREFIX!r} prefix, e.g. 'model.layers.0.self_attn.q_proj'"
             )
         if module in owner:
             raise PeftFormatError(
@@ -226,13 +227,13 @@ def save(
                 f"{'sqrt(r)' if config.use_rslora else 'r'} = {alpha} / {rank} = {expected}; PEFT "
                 "stores alpha and r, not the scale. Pass the config these adapters were made with"
             )
-        a_name, b_name = _peft_files.NAMES[kind, "A"], _peft_files.NAMES[kind, "B"]
-        tensors[f"{_peft_files.PREFIX}{module}.{a_name}"] = a_t
-        tensors[f"{_peft_files.PREFIX}{module}.{b_name}"] = b_t
+        a_name, b_name = _files.NAMES[kind, "A"], _files.NAMES[kind, "B"]
+        tensors[f"{_files.PREFIX}{module}.{a_name}"] = a_t
+        tensors[f"{_files.PREFIX}{module}.{b_name}"] = b_t
         ranks[module], alphas[module], kinds[module] = rank, alpha, kind
     saved: dict[str, str] = {}
     for path, extra in extras.items():
-        module, key, array = _peft_extras.saved_tensor(path, extra.value, path_to_module)
+        module, key, array = _extras.saved_tensor(path, extra.value, path_to_module)
         if module in owner:
             raise PeftFormatError(
                 f"{path}: a trainable extra of torch module {module!r}, which also has a LoRA "
@@ -244,18 +245,18 @@ def save(
                 f"{path} and {saved[key]} both map to the tensor {key!r}; fix path_to_module"
             )
         tensors[key], saved[key] = array, path
-    modules_to_save = sorted({key[len(_peft_files.PREFIX) :].rpartition(".")[0] for key in saved})
+    modules_to_save = sorted({key[len(_files.PREFIX) :].rpartition(".")[0] for key in saved})
     if target_modules is None:
         target_modules = sorted(ranks)
     for module, kind in kinds.items():
-        if not _peft_config.selects(target_modules, module, kind):
+        if not _adapter_config.selects(target_modules, module, kind):
             raise PeftFormatError(
                 f"target_modules {target_modules!r} does not select module {module!r} (adapter "
                 f"{owner[module]}) under PEFT's rules (a list entry must equal the name or a "
                 "dot-separated suffix of it; a string must match the whole name), so PEFT would "
                 "drop its adapter. Add it, or leave target_modules=None"
             )
-    data = _peft_config.write(
+    data = _adapter_config.write(
         ranks,
         alphas,
         rank=config.rank,
@@ -268,13 +269,13 @@ def save(
         task_type=task_type,
         modules_to_save=modules_to_save,
     )
-    _peft_files.write_files(directory, tensors, data)
+    _files.write_files(directory, tensors, data)
 
 
 def _fit(module: str, path: str, kind: Kind, leaf: Any, a: np.ndarray, b: np.ndarray) -> None:
     shape = tuple(getattr(leaf, "shape", ()))
     r = a.shape[0]
-    a_name, b_name = _peft_files.NAMES[kind, "A"], _peft_files.NAMES[kind, "B"]
+    a_name, b_name = _files.NAMES[kind, "A"], _files.NAMES[kind, "B"]
     if len(shape) != 2:
         raise AdapterMismatchError(
             f"{path} (torch module {module}): the weight has shape {shape} but PEFT's {kind} "
@@ -350,13 +351,13 @@ def load(
     directory = _checks.path(directory, "directory")
     _checks.function(module_to_path, "module_to_path", "lambda module, kind: module + '/kernel'")
     _checks.flag(check_finite, "check_finite")
-    data, config_file = _peft_files.read_config_data(directory)
+    data, config_file = _files.read_config_data(directory)
     weights_file = os.path.join(directory, WEIGHTS_NAME)
-    tensors = _peft_files.read_tensors(directory, check_finite)
-    data = _peft_files.check_pair(directory, data, _peft_files.read_metadata(weights_file))
-    settings = _peft_config.read(data, config_file)
-    lora_tensors, saved = _peft_extras.split_saved(tensors, settings.modules_to_save, weights_file)
-    modules = _peft_files.group(lora_tensors, weights_file)
+    tensors = _files.read_tensors(directory, check_finite)
+    data = _files.check_pair(directory, data, _files.read_metadata(weights_file))
+    settings = _adapter_config.read(data, config_file)
+    lora_tensors, saved = _extras.split_saved(tensors, settings.modules_to_save, weights_file)
+    modules = _files.group(lora_tensors, weights_file)
     leaves = dict(leaves_with_paths(params))
     by_path: dict[str, tuple[str, dict[str, Any]]] = {}
     for module, entry in modules.items():
@@ -386,7 +387,7 @@ def load(
         by_path[path] = (module, entry)
     extras: dict[str, Trainable] = {}
     for (module, name), tensor in saved.items():
-        path, value = _peft_extras.saved_path(
+        path, value = _extras.saved_path(
             module,
             name,
             np.asarray(tensor),
@@ -420,7 +421,7 @@ def load(
 def _config_for(
     paths: list[str],
     by_path: dict[str, tuple[str, dict[str, Any]]],
-    settings: _peft_config.PeftSettings,
+    settings: _adapter_config.PeftSettings,
     leaves: dict[str, Any],
     where: str,
     trainable: list[str] = (),

@@ -7,7 +7,7 @@ inside a scanned body a layer sees its own slice of its factors exactly as it se
 its kernel. Factors reached by closure would instead be the whole stack in every layer.
 
 An interceptor (``nn.intercept_methods``) runs around every module method: for a supported layer
-(:mod:`jlora._linen_layers`) it calls the unmodified method, reads ``<param>@lora`` from the
+(:mod:`jlora.linen._layers`) it calls the unmodified method, reads ``<param>@lora`` from the
 module's own scope and adds the factored term. A second interceptor only records module kinds and
 layouts, for :meth:`jlora.linen.LoraModel.init_adapters`, while :func:`trace` runs the model
 abstractly.
@@ -24,12 +24,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ._config import LoraConfig
-from ._errors import AdapterMismatchError, MissingRngError
-from ._extras import Trainable, check_extra_fit
-from ._factors import LoraFactors
-from ._layout import Layout
-from ._linen_layers import (
+from .._config import LoraConfig
+from .._errors import AdapterMismatchError, MissingRngError
+from .._extras import Trainable, check_extra_fit
+from .._factors import LoraFactors
+from .._layout import Layout
+from .._merge import check_fit
+from .._paths import unbox
+from ._layers import (
     SUPPORTED,
     LayerKind,
     Unsupported,
@@ -38,8 +40,6 @@ from ._linen_layers import (
     kind_of,
     owns_call,
 )
-from ._merge import check_fit
-from ._paths import unbox
 
 SUFFIX = "@lora"
 _TRACES = itertools.count()

@@ -30,9 +30,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import _digest
-from ._errors import NonFiniteError, PeftFormatError
-from ._factors import LoraFactors
+from .. import _digest
+from .._errors import NonFiniteError, PeftFormatError
+from .._factors import LoraFactors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

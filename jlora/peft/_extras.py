@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import AdapterMismatchError, PeftFormatError
-from ._peft_files import PREFIX, SUFFIXES
+from .._errors import AdapterMismatchError, PeftFormatError
+from ._files import PREFIX, SUFFIXES
 
 _NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -77,7 +77,7 @@ def split_saved(
         if not is_lora and key.startswith(PREFIX) and module and _saves(module, modules_to_save):
             saved[module, name] = value
         else:
-            lora[key] = value  # anything unknown is refused by _peft_files.group
+            lora[key] = value  # anything unknown is refused by _files.group
     for entry in modules_to_save:
         if not any(module.endswith(entry) for module, _ in saved):
             raise PeftFormatError(

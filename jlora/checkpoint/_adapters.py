@@ -1,9 +1,9 @@
-"""Saving adapters with their config as one orbax checkpoint (restoring it: ``_ckpt_restore``).
+"""Saving adapters with their config as one orbax checkpoint (restoring it: ``_restore``).
 
 A checkpoint is an orbax composite checkpoint with two items: ``adapters`` (the factor arrays, and
 the arrays of trainable extras, as a nested dict mirroring the parameter paths) and ``jlora`` (JSON:
 the config, each adapter's layout and shapes, each extra's shape and dtype, a SHA-256 digest of
-every array, and optionally a fingerprint of the base; see ``_ckpt_format``). It is the layout orbax's
+every array, and optionally a fingerprint of the base; see ``_format``). It is the layout orbax's
 ``CheckpointManager`` writes for ``save_args(...)``, so periodic checkpoints under a root
 directory (``root/<step>/``) and single checkpoints read back the same way.
 
@@ -25,13 +25,14 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import _atomic, _checks, _dirs, _orbax_writes
-from . import _ckpt_format as fmt
-from ._config import LoraConfig
-from ._errors import DamagedCheckpointError
-from ._extras import Trainable
-from ._factors import LoraFactors
-from ._paths import nest
+from .. import _atomic, _checks, _dirs
+from .._config import LoraConfig
+from .._errors import DamagedCheckpointError
+from .._extras import Trainable
+from .._factors import LoraFactors
+from .._paths import nest
+from . import _format as fmt
+from . import _orbax_writes
 
 ARRAYS = "adapters"
 RECORD = "jlora"
@@ -59,7 +60,7 @@ def save_args(
         base: optional base parameters (arrays or ``jax.ShapeDtypeStruct``) whose paths, shapes
             and dtypes are recorded, so that :func:`restore` can refuse another base.
         base_digest: also record a content digest of each base weight (when ``base`` holds
-            values this process can read whole); costs one pass over the base (``_ckpt_base``).
+            values this process can read whole); costs one pass over the base (``_base``).
 
     Returns:
         ``ocp.args.Composite(adapters=StandardSave(...), jlora=JsonSave(...))``.

@@ -1,6 +1,6 @@
 """Restoring adapter checkpoints: the record, orbax's metadata and every array checked first.
 
-:func:`restore` reads the JSON record (validated by ``_ckpt_format.parse``), compares it with
+:func:`restore` reads the JSON record (validated by ``_format.parse``), compares it with
 orbax's own metadata of the arrays, checks the base against the saved fingerprint and content
 digests, reads the arrays in their saved dtypes onto the shardings asked for, verifies each
 against its SHA-256 digest and (by default) for NaN/Inf, and only then casts to a target's dtypes
@@ -16,15 +16,16 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import _checks, _ckpt_base, _digest, _dirs
-from . import _ckpt_format as fmt
-from ._ckpt_adapters import ARRAYS, PathLike, first_line, read_record, resolve
-from ._config import LoraConfig
-from ._errors import AdapterMismatchError, DamagedCheckpointError, NonFiniteError
-from ._extras import Trainable
-from ._factors import LoraFactors, with_boxes
-from ._merge import adapter_tables
-from ._paths import is_box, leaves_with_paths, nest, path_to_str
+from .. import _checks, _digest, _dirs
+from .._config import LoraConfig
+from .._errors import AdapterMismatchError, DamagedCheckpointError, NonFiniteError
+from .._extras import Trainable
+from .._factors import LoraFactors, with_boxes
+from .._merge import adapter_tables
+from .._paths import is_box, leaves_with_paths, nest, path_to_str
+from . import _base
+from . import _format as fmt
+from ._adapters import ARRAYS, PathLike, first_line, read_record, resolve
 
 
 def _sharding_table(
@@ -194,9 +195,9 @@ def restore(
     rec = fmt.parse(read_record(path), str(path))
     config, records, extra_records = rec.config, rec.adapters, rec.extras
     if base is not None and rec.base is not None:
-        _ckpt_base.check_fingerprint(rec.base, base)
+        _base.check_fingerprint(rec.base, base)
         if base_digest:
-            _ckpt_base.check_digests(rec.base_digests, base)
+            _base.check_digests(rec.base_digests, base)
     wanted = _check_target(target, records, extra_records, config) if target is not None else {}
     placement = _sharding_table(shardings, list(records), list(extra_records))
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -208,7 +209,7 @@ def restore(
         if sharding is None:
             sharding = getattr(leaf, "sharding", None) or default
         if isinstance(sharding, jax.sharding.NamedSharding):
-            from .sharding import check_divides
+            from ..sharding import check_divides
 
             check_divides(f"{path}/{name}", shape, sharding.spec, sharding.mesh)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

@@ -54,9 +54,9 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from ._errors import AdapterMismatchError, TargetError
-from ._factors import RANK_AXIS
-from ._layout import Layout
+from .._errors import AdapterMismatchError, TargetError
+from .._factors import RANK_AXIS
+from .._layout import Layout
 
 KEYS = ("out_sharding", "sharding_names", "sharding")  # newest first
 

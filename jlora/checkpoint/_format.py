@@ -16,7 +16,7 @@ path. Version 2 is written only when there are extras, so every other checkpoint
 jlora versions that know version 1 alone, and those refuse (rather than silently drop) extras.
 
 Scales are not stored: they follow from the config (``config.scale_for(path)``), which ``save``
-checks. The base fingerprint and its digests are described in ``_ckpt_base``. ``digests`` holds a
+checks. The base fingerprint and its digests are described in ``_base``. ``digests`` holds a
 SHA-256 of each saved array (orbax checksums its index, not the array data), which ``restore``
 verifies; ``digests`` and ``base_digests`` are optional keys, so jlora versions that predate them
 read these checkpoints, and checkpoints without them restore unverified.
@@ -36,15 +36,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from . import _ckpt_base, _digest
-from ._ckpt_base import Fingerprint, dtype_name
-from ._config import LoraConfig
-from ._errors import AdapterMismatchError, DamagedCheckpointError
-from ._extras import Trainable, check_extra_fit
-from ._factors import LoraFactors
-from ._layout import Layout
-from ._merge import adapter_tables, check_fit
-from ._paths import leaves_with_paths
+from .. import _digest
+from .._config import LoraConfig
+from .._errors import AdapterMismatchError, DamagedCheckpointError
+from .._extras import Trainable, check_extra_fit
+from .._factors import LoraFactors
+from .._layout import Layout
+from .._merge import adapter_tables, check_fit
+from .._paths import leaves_with_paths
+from . import _base
+from ._base import Fingerprint, dtype_name
 
 FORMAT = "jlora.adapters"
 VERSION = 1
@@ -180,11 +181,11 @@ def record(
             }
             for path, f in table.items()
         },
-        "base": None if base is None else [list(e) for e in _ckpt_base.fingerprint(base)],
+        "base": None if base is None else [list(e) for e in _base.fingerprint(base)],
         "digests": digests,
     }
     if base is not None and base_digest:
-        saved = _ckpt_base.digests(base)
+        saved = _base.digests(base)
         if saved is not None:
             out["base_digests"] = saved
     if extras:

@@ -25,7 +25,7 @@ from typing import Any
 
 from flax import nnx
 
-from ._nnx_adapted import LoraParam
+from ._adapted import LoraParam
 
 MARK = "lora_trainable"
 

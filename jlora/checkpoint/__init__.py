@@ -23,13 +23,13 @@ any moment is repaired by the next merge into the same output, or by :func:`reco
 (``python -m jlora recover --out DIR``).
 """
 
-from ._ckpt_adapters import save as save
-from ._ckpt_adapters import save_args as save_args
-from ._ckpt_adapters import steps as steps
-from ._ckpt_merge import MergeSummary as MergeSummary
-from ._ckpt_merge import merge_checkpoint as merge_checkpoint
-from ._ckpt_merge import recover_merge as recover_merge
-from ._ckpt_restore import restore as restore
+from ._adapters import save as save
+from ._adapters import save_args as save_args
+from ._adapters import steps as steps
+from ._disk_merge import MergeSummary as MergeSummary
+from ._disk_merge import merge_checkpoint as merge_checkpoint
+from ._disk_merge import recover_merge as recover_merge
+from ._restore import restore as restore
 
 __all__ = [
     "MergeSummary",

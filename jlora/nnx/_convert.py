@@ -4,7 +4,7 @@ An adapted layer's factors live in :class:`LoraParam` variables ``lora_a``/``lor
 holds the static ``scale``, ``layout`` and adapted attribute, so a factor state alone converts to
 :class:`jlora.LoraFactors` at the weight's path (``<module path>/<weight>``), the same path the
 weight has in ``nnx.state(model, nnx.Param)``. Trainable extras are the model's own marked
-``nnx.Param`` s (:mod:`jlora._nnx_extras`) and convert to :class:`jlora.Trainable` at their paths.
+``nnx.Param`` s (:mod:`jlora.nnx._extras`) and convert to :class:`jlora.Trainable` at their paths.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from ._errors import AdapterMismatchError
-from ._extras import Trainable, check_extra_fit
-from ._factors import LoraFactors
-from ._merge import _combine, adapter_tables, check_fit
-from ._nnx_adapted import LoraParam, detach, weight_of
-from ._nnx_extras import TRAINABLE, is_extra, unmark
-from ._nnx_kinds import factors_of
-from ._nnx_sharding import new_factor
-from ._paths import nest
+from .._errors import AdapterMismatchError
+from .._extras import Trainable, check_extra_fit
+from .._factors import LoraFactors
+from .._merge import _combine, adapter_tables, check_fit
+from .._paths import nest
+from ._adapted import LoraParam, detach, weight_of
+from ._extras import TRAINABLE, is_extra, unmark
+from ._kinds import factors_of
+from ._sharding import new_factor
 
 M = TypeVar("M", bound=nnx.Module)
 Parts = tuple[Any, ...]

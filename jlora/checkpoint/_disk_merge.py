@@ -36,12 +36,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import _atomic, _checks, _ckpt_base, _digest, _dirs
-from ._ckpt_adapters import RECORD, PathLike, saved_record
-from ._ckpt_restore import restore
-from ._errors import DamagedCheckpointError, NonFiniteError
-from ._merge import adapter_tables, merge
-from ._paths import key_to_str, nest
+from .. import _atomic, _checks, _digest, _dirs
+from .._errors import DamagedCheckpointError, NonFiniteError
+from .._merge import adapter_tables, merge
+from .._paths import key_to_str, nest
+from . import _base
+from ._adapters import RECORD, PathLike, saved_record
+from ._restore import restore
 
 DEFAULT_GROUP_BYTES = 2**27
 _METADATA = "_METADATA"
@@ -365,7 +366,7 @@ def merge_checkpoint(
                 value = values[leaf.path]
                 if saved_digests and leaf.path in saved_digests:
                     if _digest.array_digest(value) != saved_digests[leaf.path]:
-                        raise _ckpt_base.content_mismatch(leaf.path)
+                        raise _base.content_mismatch(leaf.path)
                 factors = table.get(leaf.path, extras.get(leaf.path))
                 if factors is None:
                     copied += 1

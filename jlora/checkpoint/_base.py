@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _digest
-from ._errors import AdapterMismatchError
-from ._paths import leaves_with_paths
+from .. import _digest
+from .._errors import AdapterMismatchError
+from .._paths import leaves_with_paths
 
 Fingerprint = list[tuple[str, tuple[int, ...], str]]
 

@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _einsum, ops
-from ._custom import CustomLayer, call_argument, equation_of
-from ._errors import AdapterMismatchError, TargetError
-from ._factors import LoraFactors
-from ._layout import Layout
+from .. import _einsum, ops
+from .._custom import CustomLayer, call_argument, equation_of
+from .._errors import AdapterMismatchError, TargetError
+from .._factors import LoraFactors
+from .._layout import Layout
 
 SUPPORTED = (
     "nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed (and their subclasses), and "

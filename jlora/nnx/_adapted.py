@@ -23,10 +23,10 @@ from typing import Any
 
 from flax import nnx
 
-from ._errors import AdapterMismatchError, MissingRngError, TargetError
-from ._factors import LoraFactors
-from ._nnx_kinds import Kind, factors_of, is_adapted_class
-from ._nnx_sharding import explicit_out_like, new_factor
+from .._errors import AdapterMismatchError, MissingRngError, TargetError
+from .._factors import LoraFactors
+from ._kinds import Kind, factors_of, is_adapted_class
+from ._sharding import explicit_out_like, new_factor
 
 ADDED = ("lora_a", "lora_b", "lora_dropout", "lora_path", "deterministic", "lora_rngs")
 _CLASSES: dict[tuple[type, Kind], type] = {}
@@ -186,7 +186,7 @@ def attach(
     sharding: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
 ) -> None:
     """Adapts ``module`` in place with ``factors``; ``stream`` feeds LoRA dropout (or None);
-    ``sharding`` is the factors' sharding metadata (:func:`jlora._nnx_sharding.factor_metadata`),
+    ``sharding`` is the factors' sharding metadata (:func:`jlora.nnx._sharding.factor_metadata`),
     and they are created on their shardings as Flax creates a variable with that metadata."""
     weight = getattr(module, kind.weight).get_value()
     meta = {"lora_scale": factors.scale, "lora_layout": factors.layout, "lora_weight": kind.weight}

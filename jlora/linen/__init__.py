@@ -38,21 +38,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ._config import LoraConfig
-from ._custom import CustomLayer, check_layers
-from ._errors import (
+from .._config import LoraConfig
+from .._custom import CustomLayer, check_layers
+from .._errors import (
     AdapterMismatchError,
     MissingRngError,
     TargetError,
 )
-from ._factors import init
-from ._layout import Layout
-from ._linen_intercept import Applier, Trace, inject, join, strip, trace, unused_reason
-from ._linen_layers import LayerKind, custom_kind
-from ._merge import adapter_tables
-from ._paths import leaves_with_paths
-from ._summary import AdapterSummary, summary
-from ._targets import check_patterns, exact_config
+from .._factors import init
+from .._layout import Layout
+from .._merge import adapter_tables
+from .._paths import leaves_with_paths
+from .._summary import AdapterSummary, summary
+from .._targets import check_patterns, exact_config
+from ._intercept import Applier, Trace, inject, join, strip, trace, unused_reason
+from ._layers import LayerKind, custom_kind
 
 __all__ = ["LoraModel", "lora"]
 

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._errors import PeftFormatError
+from .._errors import PeftFormatError
 
 PEFT_TYPE = "LORA"
 
