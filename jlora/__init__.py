@@ -37,8 +37,10 @@ _SUBMODULES = (
     "lowrank",
     "optim",
     "peft",
+    "quant",
     "serving",
     "sharding",
+    "variants",
 )
 
 

@@ -33,7 +33,9 @@ MODULES = (
     "jlora.peft",
     "jlora.sharding",
     "jlora.analysis",
+    "jlora.quant",
     "jlora.serving",
+    "jlora.variants",
 )
 
 

@@ -1,0 +1,41 @@
+"""LoRA's follow-ups as composable pieces over the adapter pytree and optax.
+
+* ReLoRA (Lialin et al. 2023): :func:`relora_schedule`, :func:`reset_optimizer_state`,
+  :func:`merge_and_reinit`.
+* GaLore (Zhao et al. 2024): :func:`galore` (an optax transformation, :class:`GaloreState`),
+  and :func:`state_bytes` to compare optimizer-state memory.
+* DoRA (Liu et al. 2024): :func:`dora_dense` (the factored layer), :func:`dora_magnitudes`,
+  :func:`dora_merge`, :func:`dora_unmerge`.
+* PiSSA / OLoRA initialisations from the base weight, with the residual base: :func:`pissa_init`,
+  :func:`olora_init`; LoRA-FA (``a`` frozen): :func:`lora_fa`.
+"""
+
+from ._dora import dora_dense as dora_dense
+from ._dora import dora_magnitudes as dora_magnitudes
+from ._dora import dora_merge as dora_merge
+from ._dora import dora_unmerge as dora_unmerge
+from ._galore import GaloreState as GaloreState
+from ._galore import galore as galore
+from ._galore import state_bytes as state_bytes
+from ._init_svd import lora_fa as lora_fa
+from ._init_svd import olora_init as olora_init
+from ._init_svd import pissa_init as pissa_init
+from ._relora import merge_and_reinit as merge_and_reinit
+from ._relora import relora_schedule as relora_schedule
+from ._relora import reset_optimizer_state as reset_optimizer_state
+
+__all__ = [
+    "GaloreState",
+    "dora_dense",
+    "dora_magnitudes",
+    "dora_merge",
+    "dora_unmerge",
+    "galore",
+    "lora_fa",
+    "merge_and_reinit",
+    "olora_init",
+    "pissa_init",
+    "relora_schedule",
+    "reset_optimizer_state",
+    "state_bytes",
+]
