@@ -10,7 +10,18 @@
 * ``separate N=..``: the batch split by adapter, one jitted single-adapter forward per sub-batch
   (what a server without mixed batches does; PEFT's ``adapter_names=`` loops the same way).
 
-Ratios are to ``base`` and to ``one adapter``.
+Ratios are to ``base`` and to ``one adapter``. In the same run, **decode steps** (one new token per
+row against a KV cache, ``examples/serving_decode.py``'s decoder at the same width and depth, the
+cache ``--prompt + --new`` long and half full) for the same N and batch:
+
+* ``decode base`` / ``decode one adapter`` (factored, jlora.linen): the single-adapter step;
+* ``decode N=.., gather`` / ``onehot``: the mixed step, gathering each row's factors per layer;
+* ``decode N=.., pre-gathered``: the rows' factors gathered once per sequence outside the step
+  (``jlora.serving.gather``, the ids do not change while decoding) and passed with ``ids=None``.
+
+And **memory per adapter**: the bank's bytes against N (N times one adapter's padded factor bytes,
+plus N float32 scales per path), and XLA's memory account (``compiled.memory_analysis()``) of the
+mixed forward and decode step for each N.
 """
 
 from __future__ import annotations
@@ -35,7 +46,10 @@ from timing import JaxCase, run_rounds  # noqa: E402
 
 import jlora  # noqa: E402
 import jlora.linen  # noqa: E402
-from jlora.serving import STRATEGIES, AdapterBank, apply  # noqa: E402
+from jlora.serving import STRATEGIES, AdapterBank, apply, gather  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import serving_decode  # noqa: E402
 
 TARGETS = ".*(query|key|value|out|up|down)/kernel"
 
@@ -61,6 +75,85 @@ class SeparateCase:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def xla_memory(case: JaxCase) -> tuple[int, int, int]:
+    """(argument, temporary, output) bytes of a compiled case, XLA's account."""
+    m = case.compiled.memory_analysis()
+    return m.argument_size_in_bytes, m.temp_size_in_bytes, m.output_size_in_bytes
+
+
+def decode_cases(args, size: Size, adapters_of, rng) -> tuple[list, dict]:
+    """The decode-step cases and, per N, the bank's bytes; ``adapters_of(model, params)``."""
+    dsize = serving_decode.Size(
+        vocab=size.vocab,
+        d_model=size.d_model,
+        heads=size.heads,
+        layers=size.layers,
+        prompt=args.prompt,
+        steps=args.new,
+    )
+    model = serving_decode.Decoder(dsize)
+    prompts = jnp.asarray(rng.integers(0, size.vocab, (size.batch, dsize.prompt)), jnp.int32)
+    cache = serving_decode.init_cache(dsize, size.batch)
+    one = serving_decode.init_cache(dsize, 1)
+    params = jax.jit(model.init)(jax.random.key(0), prompts[:1], one, 0)["params"]
+    lora = jlora.linen.lora(model, jlora.LoraConfig(targets=TARGETS, rank=args.rank, alpha=16.0))
+    template = lora.init_adapters(jax.random.key(1), params, prompts[:1], one, 0)
+    adapters = adapters_of(template)
+    # A cache filled by the prompt plus half the new tokens: the step attends over a real cache.
+    prefill = serving_decode.plain_step(model)
+    token, cache = prefill(params, prompts, cache, jnp.int32(0))
+    token, index = token[:, None], jnp.int32(dsize.prompt + args.new // 2)
+    step = serving_decode.decoder_step(lambda p, a, *xs: lora.apply(p, a, *xs))
+    cases = [
+        JaxCase("decode base", prefill, (params, token, cache, index), carry=0, loss_index=None),
+        JaxCase(
+            "decode one adapter",
+            step,
+            (params, adapters[0], token, cache, index),
+            carry=0,
+            loss_index=None,
+        ),
+    ]
+    banks = {}
+    for n in args.adapters:
+        bank = AdapterBank.build(
+            params, {f"a{i}": adapters[i] for i in range(n)}, capacity=n, max_rank=args.rank
+        )
+        banks[n] = nbytes(bank.factors)
+        ids = jnp.asarray(rng.integers(0, n, size.batch), jnp.int32)
+        for strategy in ("gather", "onehot"):
+            mixed = serving_decode.mixed_step(model, strategy=strategy)
+            case_args = (params, bank.factors, ids, token, cache, index)
+            cases.append(JaxCase(f"decode N={n}, {strategy}", mixed, case_args, carry=0,
+                                 loss_index=None))  # fmt: skip
+        rows = jax.jit(gather)(bank.factors, ids)  # once per sequence, outside the step
+        pre = serving_decode.decoder_step(lambda p, f, *xs: apply(model, p, f, None, *xs))
+        cases.append(
+            JaxCase(
+                f"decode N={n}, pre-gathered",
+                pre,
+                (params, rows, token, cache, index),
+                carry=0,
+                loss_index=None,
+            )
+        )
+    return cases, {"bank bytes": banks, "adapter bytes": nbytes(adapters[0])}
+
+
+def table(rows, by_name, base: str, one: str) -> list[str]:
+    lines = [f"| case | ms | x {base} | x {one} |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {1e3 * r.cpu:.2f} | {r.cpu / by_name[base]:.2f} | "
+            f"{r.cpu / by_name[one]:.2f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=256)
@@ -70,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
+    parser.add_argument("--new", type=int, default=32, help="decode: new tokens (cache size)")
+    parser.add_argument("--parts", nargs="+", default=["forward", "decode"])
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     size = Size(
@@ -83,20 +179,24 @@ def main(argv: list[str] | None = None) -> None:
     lora = jlora.linen.lora(model, config)
     template = lora.init_adapters(jax.random.key(1), params, tokens)
     n_max = max(args.adapters)
-    adapters = [
-        jax.tree.map(lambda x, i=i: x + 0.01 * (i + 1), template) for i in range(n_max)
-    ]  # b != 0: every adapter does real work
 
+    def adapters_of(template):  # b != 0: every adapter does real work
+        return [jax.tree.map(lambda x, i=i: x + 0.01 * (i + 1), template) for i in range(n_max)]
+
+    adapters = adapters_of(template)
     base = jax.jit(lambda p, t: model.apply({"params": p}, t))
     single = jax.jit(lambda p, a, t: lora.apply(p, a, t))
-    cases = [
-        JaxCase("base", base, (params, tokens), carry=0, loss_index=None),
-        JaxCase("one adapter", single, (params, adapters[0], tokens), carry=0, loss_index=None),
-    ]
-    for n in args.adapters:
+    cases, memory, banks = [], {}, {}
+    if "forward" in args.parts:
+        cases += [
+            JaxCase("base", base, (params, tokens), carry=0, loss_index=None),
+            JaxCase("one adapter", single, (params, adapters[0], tokens), carry=0, loss_index=None),
+        ]
+    for n in args.adapters if "forward" in args.parts else ():
         bank = AdapterBank.build(
             params, {f"a{i}": adapters[i] for i in range(n)}, capacity=n, max_rank=args.rank
         )
+        banks[n] = nbytes(bank.factors)
         ids = jnp.asarray(rng.integers(0, n, size.batch), jnp.int32)
         for strategy in STRATEGIES:
             mixed = jax.jit(lambda p, f, i, t, s=strategy: apply(model, p, f, i, t, strategy=s))
@@ -113,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
             cases.append(
                 SeparateCase(f"separate N={n}", single, params, adapters, tokens, np.asarray(ids))
             )
+    if "decode" in args.parts:
+        more, memory = decode_cases(args, size, adapters_of, rng)
+        cases += more
     log(f"{len(cases)} cases compiled; timing {args.steps} rounds")
     rows = run_rounds(cases, steps=args.steps, warmup=1, log=log)
     by_name = {r.name: r.cpu for r in rows}
@@ -120,19 +223,46 @@ def main(argv: list[str] | None = None) -> None:
         f"Decoder d_model={size.d_model}, layers={size.layers}, seq={size.seq}, "
         f"batch={size.batch}, rank {args.rank} on {TARGETS}; jax {jax.__version__}, "
         f"{jax.devices()[0].platform}, 1 core, median CPU time of {args.steps} rounds",
-        "",
-        "| case | ms | x base | x one adapter |",
-        "|---|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.name} | {1e3 * r.cpu:.1f} | {r.cpu / by_name['base']:.2f} | "
-            f"{r.cpu / by_name['one adapter']:.2f} |"
-        )
+    forward = [r for r in rows if not r.name.startswith("decode")]
+    decode = [r for r in rows if r.name.startswith("decode")]
+    if forward:
+        lines += ["", "Forward, one batch:", "", *table(forward, by_name, "base", "one adapter")]
+    if decode:
+        lines += [
+            "",
+            f"Decode step, one token per row, KV cache of {args.prompt + args.new} "
+            f"(position {args.prompt + args.new // 2}):",
+            "",
+            *table(decode, by_name, "decode base", "decode one adapter"),
+        ]
+    lines += ["", *memory_lines(cases, banks, memory)]
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
+
+
+def memory_lines(cases, banks: dict, decode: dict) -> list[str]:
+    """Bank bytes against N, and XLA's memory account of every compiled case."""
+    lines = ["Memory: bank bytes against N (the adapters' padded factors plus N float32 scales "
+             "per path) and XLA's account of each compiled program (MiB):", ""]  # fmt: skip
+    for label, per_n, one in (
+        ("forward", banks, None),
+        ("decode", decode.get("bank bytes", {}), decode.get("adapter bytes")),
+    ):
+        for n, b in per_n.items():
+            extra = f", {b / n:,.0f} per adapter" + (
+                f" (one adapter's factors: {one:,})" if one else ""
+            )
+            lines.append(f"- {label} bank N={n}: {b:,} bytes{extra}")
+    lines += ["", "| program | arguments | temporaries | outputs |", "|---|---:|---:|---:|"]
+    mib = 2.0**20
+    for case in cases:
+        if isinstance(case, JaxCase):
+            arg, tmp, out = xla_memory(case)
+            lines.append(f"| {case.name} | {arg / mib:.2f} | {tmp / mib:.2f} | {out / mib:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 
 import jlora
 import jlora.linen
-from jlora.serving import AdapterBank, apply
+from jlora.serving import AdapterBank, apply, gather
 
 TARGETS = r".*(query|key|value|out|up|down)/kernel|embed/embedding"
 
@@ -178,6 +178,12 @@ def mixed_step(model: Decoder, traces: list | None = None, strategy: str = "gath
     )
 
 
+def gathered_step(model: Decoder, traces: list | None = None) -> Callable:
+    """``step(params, rows, tokens, cache, index)`` with ``rows = jlora.serving.gather(factors,
+    ids)`` made once per sequence: the ids do not change while decoding, so no step gathers."""
+    return decoder_step(lambda p, rows, *args: apply(model, p, rows, None, *args), traces)
+
+
 def plain_step(model: Decoder) -> Callable:
     """``step(params, tokens, cache, index)``: the base, or a merged model."""
     return decoder_step(lambda p, *args: model.apply({"params": p}, *args))
@@ -204,7 +210,8 @@ def _cpu_seconds(run: Callable[[], Any], repeats: int) -> float:
 
 
 def throughput(model, params, adapters, bank, prompts, names, size, repeats=5) -> dict[str, float]:
-    """Generated tokens per CPU second (prompt included): the mixed batch (two strategies), the
+    """Generated tokens per CPU second (prompt included): the mixed batch (two strategies, and
+    each row's factors gathered once per sequence), the
     same batch with one adapter (factored through jlora.linen, and merged), the base, and one
     batch per adapter, merged (no mixing: what serving without a bank costs)."""
     ids = bank.ids(names)
@@ -227,6 +234,10 @@ def throughput(model, params, adapters, bank, prompts, names, size, repeats=5) -
         cases[f"mixed batch, {strategy}"] = functools.partial(
             generate, mixed, (params, bank.factors, ids), prompts, size
         )
+    rows = gather(bank.factors, ids)  # once per sequence: the ids are fixed while decoding
+    cases["mixed batch, gathered once"] = functools.partial(
+        generate, gathered_step(model), (params, rows), prompts, size
+    )
     cases["one adapter, factored (jlora.linen)"] = functools.partial(
         generate, single, (params, adapters[first]), prompts, size
     )
@@ -252,6 +263,8 @@ def main(argv: list[str] | None = None, size: Size | None = None) -> dict[str, A
         f"mixed step compiled {len(traces)} times (token shapes {traces}) for the prompt and "
         f"{size.steps - 1} decode steps"
     )
+    once = generate(gathered_step(model), (params, gather(bank.factors, ids)), prompts, size)
+    print(f"factors gathered once per sequence give the same tokens: {(once == mixed).all()}")
     alone = one_by_one(model, params, adapters, prompts, names, size)
     equal = (mixed == alone).all(axis=1)
     print(f"rows equal to their adapter alone (merged, batch 1): {int(equal.sum())}/{len(names)}")
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None, size: Size | None = None) -> dict[str, A
     base_rows = [e for e, n in enumerate(names) if n is None]
     differs = [e for e, n in enumerate(names) if n is not None and (mixed[e] != alone[e]).any()]
     result = {"equal": bool(equal.all()), "distinct": distinct, "base_rows": base_rows}
+    result["gathered_once_equal"] = bool((once == mixed).all())
     result["traces"] = traces
     if differs:
         print(f"rows that differ: {differs}")

@@ -60,6 +60,8 @@ SUBMODULES = {
         "combine",
         "dense_term",
         "einsum_term",
+        "freeze_scales",
+        "gather",
         "lookup_term",
         "nnx_apply",
         "truncate",

@@ -23,6 +23,11 @@ def test_each_row_decodes_as_its_adapter_alone_in_one_compiled_step():
     assert traces == [(6, 3), (6, 1)]  # the prompt, then one program for every decode step
     alone = sd.one_by_one(model, params, adapters, prompts, names, TINY)
     np.testing.assert_array_equal(mixed, alone)
+    # Each row's factors gathered once for the whole sequence: the same tokens.
+    rows = sd.gather(bank.factors, bank.ids(names))
+    np.testing.assert_array_equal(
+        sd.generate(sd.gathered_step(model), (params, rows), prompts, TINY), alone
+    )
     # The same rows with the base: the adapters change the tokens.
     base = sd.generate(sd.plain_step(model), (params,), prompts, TINY)
     assert any((base[e] != mixed[e]).any() for e, n in enumerate(names) if n is not None)
@@ -35,4 +40,9 @@ def test_each_row_decodes_as_its_adapter_alone_in_one_compiled_step():
 @pytest.mark.slow
 def test_the_example_runs():
     result = sd.main(["--no-timing"])
-    assert result["equal"] and result["distinct"] == 20 and len(result["traces"]) == 2
+    assert (
+        result["equal"]
+        and result["gathered_once_equal"]
+        and result["distinct"] == 20
+        and len(result["traces"]) == 2
+    )

@@ -13,7 +13,10 @@ computed once for the whole batch. :func:`dense_term`, :func:`lookup_term`, :fun
 and :func:`einsum_term` are the functional per-example terms; :func:`apply` runs any
 ``flax.linen`` model with them and :func:`nnx_apply` any ``flax.nnx`` model; :func:`combine`
 folds a weighted mix of adapters into one exact adapter and :func:`truncate` cuts an adapter to a
-lower rank by SVD, reporting the error.
+lower rank by SVD, reporting the error. :func:`gather` picks each example's factors once (for a
+decode loop: pass them with ``ids=None``), and :func:`freeze_scales` wraps an optimizer to train
+many adapters at once on a mixed batch (``jax.grad`` with respect to ``bank.factors``; each slot
+gets only its own examples' gradient; :meth:`AdapterBank.with_factors` takes the result back).
 """
 
 from .._errors import BankError as BankError
@@ -29,6 +32,8 @@ from ._mixed import lookup_term as lookup_term
 from ._nnx import nnx_apply as nnx_apply
 from ._slots import BASE as BASE
 from ._slots import BankFactors as BankFactors
+from ._train import freeze_scales as freeze_scales
+from ._train import gather as gather
 
 __all__ = [
     "BASE",
@@ -41,6 +46,8 @@ __all__ = [
     "combine",
     "dense_term",
     "einsum_term",
+    "freeze_scales",
+    "gather",
     "lookup_term",
     "nnx_apply",
     "truncate",

@@ -41,6 +41,7 @@ from ._slots import (
     adapter_table,
     check_adapter,
     check_slot_ids,
+    check_trained,
     pad,
     unpad,
     write_slot,
@@ -190,6 +191,30 @@ class AdapterBank(BankMaking):
             ranks=at_slot(self.ranks, ranks),
             scales=at_slot(self.scales, scales),
         )
+
+    def with_factors(self, factors: Any) -> AdapterBank:
+        """This bank holding ``factors`` (e.g. trained ones), same names, ranks and scales.
+
+        Args:
+            factors: a tree like :attr:`factors`, of the same shapes and dtypes.
+
+        Raises:
+            BankError: another structure, shape or dtype; a scale that changed (freeze it with
+                :func:`jlora.serving.freeze_scales`); a nonzero value beyond a slot's true rank
+                (padded rank columns of ``a`` and rows of ``b`` must stay exactly zero, or the
+                slot no longer holds an adapter of its rank).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jlora
+            >>> params = {"w": jnp.ones((6, 4))}
+            >>> one = jlora.init(jax.random.key(0), params, jlora.LoraConfig(targets="w", rank=2))
+            >>> bank = AdapterBank.build(params, {"one": one}, capacity=2)
+            >>> trained = jax.tree.map(lambda x: x, bank.factors)
+            >>> bank.with_factors(trained).names
+            ('one', None)
+        """
+        table = check_trained(self, factors)
+        return dataclasses.replace(self, table=table)
 
     def slot_of(self, name: str) -> int:
         """The slot holding the adapter called ``name``."""

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .._errors import AdapterMismatchError
+from .._errors import AdapterMismatchError, BankError
 from .._paths import leaves_with_paths, unbox
 from ..linen._layers import LayerKind, Unsupported, kind_of, owns_call
 from ._bank import AdapterBank
@@ -174,7 +174,8 @@ def apply(
         params: the frozen base params (no ``'params'`` wrapper).
         bank: an :class:`AdapterBank` (ids are then checked against its occupied slots when
             concrete), or its :attr:`~AdapterBank.factors` (what a jitted function takes).
-        ids: ``(B,)`` int adapter ids, one per example (the inputs' leading axis).
+        ids: ``(B,)`` int adapter ids, one per example (the inputs' leading axis); None when
+            ``bank`` is factors already gathered per example (:func:`jlora.serving.gather`).
         *args: inputs, as for ``model.apply``.
         strategy: how dense terms are computed: ``"gather"`` (default), ``"segment"`` or
             ``"onehot"`` (see :func:`jlora.serving.dense_term`).
@@ -209,8 +210,13 @@ def apply(
     custom = ()
     if hasattr(model, "_custom") and hasattr(model, "config"):  # a jlora.linen.LoraModel
         model, custom = model.model, model._custom()
-    ids = jnp.asarray(ids)
+    ids = None if ids is None else jnp.asarray(ids)  # None: factors gathered per example
     if isinstance(bank, AdapterBank):
+        if ids is None:
+            raise BankError(
+                "jlora.serving.apply: ids=None is for factors gathered per example "
+                "(jlora.serving.gather(bank.factors, ids)); with an AdapterBank pass the ids"
+            )
         check_ids(ids, ids.shape[0] if ids.ndim else -1, bank.capacity, "jlora.serving.apply")
         if not isinstance(ids, jax.core.Tracer):
             bank.check_ids(ids)

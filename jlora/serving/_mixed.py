@@ -21,6 +21,10 @@ id multiplies by an exact zero). ``benchmarks/serving.py`` measures them; ``"gat
 default (see docs/design.md, "Serving many adapters"). Lookups, tied heads (``attend``) and einsum
 layers always gather.
 
+**Pre-gathered factors.** ``ids=None`` means the factors are already one per example (axis 0 is
+the batch; :func:`jlora.serving.gather` makes them from a bank and ids): no gather happens. A decode
+loop, whose ids are fixed for the whole sequence, gathers once instead of at every step.
+
 **Ids.** ``BASE`` (-1) means the base model alone: its term is an exact zero, so ``y + term == y``.
 Eagerly, an id outside ``[-1, N)`` raises :class:`jlora.serving.BankError`; under ``jax.jit`` it
 cannot raise, so the example's term (and output) is NaN rather than silently another adapter's.
@@ -68,6 +72,25 @@ def example_scale(ids: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Arr
     return jnp.where((ids < BASE) | (ids >= n), jnp.full((), jnp.nan, dtype), s)
 
 
+def per_example(
+    ids: jax.Array | None, factors: BankFactors, batch: int, op: str, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(a rows, b rows, scales)``, one of each per example: gathered by ``ids``, or, for
+    ``ids=None``, the factors as given (already gathered by :func:`jlora.serving.gather`)."""
+    a, b, n = factors.a, factors.b, factors.a.shape[0]
+    if ids is None:
+        if n != batch:
+            raise BankError(
+                f"{op}: ids=None means the factors are already one per example "
+                f"(jlora.serving.gather), but they hold {n} rows for a batch of {batch}; gather "
+                "them with this batch's ids, or pass the bank's factors and the ids"
+            )
+        return a, b, factors.scale.astype(dtype)
+    check_ids(ids, batch, n, op)
+    idx = jnp.clip(ids, 0, n - 1)
+    return a[idx], b[idx], example_scale(ids, factors.scale, dtype)
+
+
 def _layer(factors: BankFactors, op: str, n_extra: int = 0) -> tuple[jax.Array, jax.Array]:
     a, b = factors.a, factors.b
     want = factors.layout.fan_in_ndim + 2 + n_extra
@@ -81,13 +104,14 @@ def _layer(factors: BankFactors, op: str, n_extra: int = 0) -> tuple[jax.Array, 
 
 
 def dense_term(
-    x: jax.Array, ids: jax.Array, factors: BankFactors, *, strategy: str = "gather"
+    x: jax.Array, ids: jax.Array | None, factors: BankFactors, *, strategy: str = "gather"
 ) -> jax.Array:
     """Each example's LoRA term of a Dense layer: ``scale[id] * (x a[id]) b[id]``.
 
     Args:
         x: ``(B, ..., *fan_in)``, the layer input with its contracted axes last.
-        ids: ``(B,)`` adapter ids, :data:`BASE` for the base model.
+        ids: ``(B,)`` adapter ids, :data:`BASE` for the base model; None for factors already
+            gathered per example (:func:`jlora.serving.gather`).
         factors: one layer's bank factors ``a: (N, *fan_in, R)``, ``b: (N, R, *fan_out)``.
         strategy: ``"gather"``, ``"segment"`` or ``"onehot"`` (see the module docstring).
 
@@ -116,17 +140,19 @@ def dense_term(
             "a batch axis; were these factors made for another layer?"
         )
     n, rank, batch = a.shape[0], a.shape[-1], x.shape[0]
-    check_ids(ids, batch, n, "dense_term")
     fan_in, fan_out = math.prod(a.shape[1:-1]), b.shape[2:]
     rows = x.reshape(batch, -1, fan_in)
+    if strategy == "gather" or ids is None:
+        a_rows, b_rows, s = per_example(ids, factors, batch, "dense_term", x.dtype)
+        a_rows = a_rows.reshape(batch, fan_in, rank).astype(x.dtype)
+        xa = jnp.einsum("bti,bir->btr", rows, a_rows) * s[:, None, None]
+        b_rows = b_rows.reshape(batch, rank, math.prod(fan_out)).astype(x.dtype)
+        return jnp.einsum("btr,bro->bto", xa, b_rows).reshape(*x.shape[: x.ndim - n_in], *fan_out)
+    check_ids(ids, batch, n, "dense_term")
     a2 = a.reshape(n, fan_in, rank).astype(x.dtype)
     b2 = b.reshape(n, rank, math.prod(fan_out)).astype(x.dtype)
     s = example_scale(ids, factors.scale, x.dtype)
-    if strategy == "gather":
-        idx = jnp.clip(ids, 0, n - 1)
-        xa = jnp.einsum("bti,bir->btr", rows, a2[idx]) * s[:, None, None]
-        out = jnp.einsum("btr,bro->bto", xa, b2[idx])
-    elif strategy == "onehot":
+    if strategy == "onehot":
         weights = jax.nn.one_hot(ids, n, dtype=x.dtype) * s[:, None]
         weights = jnp.where(jnp.isnan(s)[:, None], s[:, None], weights)  # keep NaN for bad ids
         a_all = jnp.transpose(a2, (1, 0, 2)).reshape(fan_in, n * rank)
@@ -152,12 +178,12 @@ def _segments(
     return out.reshape(batch, length, -1)
 
 
-def lookup_term(tokens: jax.Array, ids: jax.Array, factors: BankFactors) -> jax.Array:
+def lookup_term(tokens: jax.Array, ids: jax.Array | None, factors: BankFactors) -> jax.Array:
     """Each example's LoRA term of an embedding lookup: ``scale[id] * a[id][tokens] b[id]``.
 
     Args:
         tokens: ``(B, ...)`` integer token ids.
-        ids: ``(B,)`` adapter ids.
+        ids: ``(B,)`` adapter ids, or None for factors gathered per example.
         factors: ``a: (N, vocab, R)``, ``b: (N, R, features)``.
 
     Returns:
@@ -172,34 +198,37 @@ def lookup_term(tokens: jax.Array, ids: jax.Array, factors: BankFactors) -> jax.
         [2.0, 0.0]
     """
     a, b = _layer(factors, "lookup_term")
-    n, batch = a.shape[0], tokens.shape[0]
-    check_ids(ids, batch, n, "lookup_term")
-    idx = jnp.clip(ids, 0, n - 1)
-    rows = a[idx.reshape(batch, *(1,) * (tokens.ndim - 1)), tokens]  # (B, ..., R)
-    s = example_scale(ids, factors.scale, a.dtype).reshape(batch, *(1,) * tokens.ndim)
-    out = jnp.einsum("btr,bro->bto", (rows * s).reshape(batch, -1, a.shape[-1]), b[idx])
+    batch = tokens.shape[0]
+    if ids is None:
+        a_rows, b_rows, s = per_example(ids, factors, batch, "lookup_term", a.dtype)
+        rows = a_rows[jnp.arange(batch).reshape(batch, *(1,) * (tokens.ndim - 1)), tokens]
+    else:  # gather the looked-up rows of a, not every example's whole table
+        check_ids(ids, batch, a.shape[0], "lookup_term")
+        idx = jnp.clip(ids, 0, a.shape[0] - 1)
+        rows = a[idx.reshape(batch, *(1,) * (tokens.ndim - 1)), tokens]  # (B, ..., R)
+        b_rows, s = b[idx], example_scale(ids, factors.scale, a.dtype)
+    s = s.reshape(batch, *(1,) * tokens.ndim)
+    out = jnp.einsum("btr,bro->bto", (rows * s).reshape(batch, -1, a.shape[-1]), b_rows)
     return out.reshape(*tokens.shape, b.shape[-1])
 
 
-def attend_term(x: jax.Array, ids: jax.Array, factors: BankFactors) -> jax.Array:
+def attend_term(x: jax.Array, ids: jax.Array | None, factors: BankFactors) -> jax.Array:
     """Each example's LoRA term of a tied embedding head: ``scale[id] * (x b[id]^T) a[id]^T``.
 
     Args:
         x: ``(B, ..., features)``.
-        ids: ``(B,)`` adapter ids.
+        ids: ``(B,)`` adapter ids, or None for factors gathered per example.
         factors: ``a: (N, vocab, R)``, ``b: (N, R, features)``.
 
     Returns:
         ``(B, ..., vocab)`` in ``x``'s dtype.
     """
-    a, b = _layer(factors, "attend_term")
-    n, batch = a.shape[0], x.shape[0]
-    check_ids(ids, batch, n, "attend_term")
-    idx = jnp.clip(ids, 0, n - 1)
+    a, _ = _layer(factors, "attend_term")
+    batch = x.shape[0]
+    a_rows, b_rows, s = per_example(ids, factors, batch, "attend_term", x.dtype)
     rows = x.reshape(batch, -1, x.shape[-1])
-    s = example_scale(ids, factors.scale, x.dtype)
-    xb = jnp.einsum("btf,brf->btr", rows, b[idx].astype(x.dtype)) * s[:, None, None]
-    out = jnp.einsum("btr,bvr->btv", xb, a[idx].astype(x.dtype))
+    xb = jnp.einsum("btf,brf->btr", rows, b_rows.astype(x.dtype)) * s[:, None, None]
+    out = jnp.einsum("btr,bvr->btv", xb, a_rows.astype(x.dtype))
     return out.reshape(*x.shape[:-1], a.shape[1])
 
 
@@ -214,7 +243,9 @@ def _expand_ellipsis(equation: str, ndim: int) -> str:
     return equation.replace(" ", "").replace("...", "".join(fresh))
 
 
-def einsum_term(equation: str, x: jax.Array, ids: jax.Array, factors: BankFactors) -> jax.Array:
+def einsum_term(
+    equation: str, x: jax.Array, ids: jax.Array | None, factors: BankFactors
+) -> jax.Array:
     """Each example's LoRA term of an einsum layer ``'<input>,<kernel>-><output>'``.
 
     The input's first letter is the batch axis: it must appear in the output and not in the
@@ -247,15 +278,13 @@ def einsum_term(equation: str, x: jax.Array, ids: jax.Array, factors: BankFactor
     letters = {
         r: "".join(c for c, g in zip(eq.kernel, roles, strict=True) if g == r) for r in "sio"
     }
-    a, b = _layer(factors, "einsum_term", n_extra=len(letters["s"]))
-    n = a.shape[0]
-    check_ids(ids, x.shape[0], n, "einsum_term")
+    _layer(factors, "einsum_term", n_extra=len(letters["s"]))
+    a_rows, b_rows, s = per_example(ids, factors, x.shape[0], "einsum_term", x.dtype)
     r = next(c for c in string.ascii_letters if c not in eq.text)
     a_letters = batch_letter + letters["s"] + letters["i"] + r
     b_letters = batch_letter + letters["s"] + r + letters["o"]
     kept = "".join(dict.fromkeys(c for c in eq.lhs if c in eq.out or c in b_letters))
     mid = kept + "".join(c for c in letters["s"] if c not in eq.lhs) + r
-    idx = jnp.clip(ids, 0, n - 1)
-    xa = jnp.einsum(f"{eq.lhs},{a_letters}->{mid}", x, a[idx].astype(x.dtype))
-    s = example_scale(ids, factors.scale, x.dtype).reshape(-1, *(1,) * (len(mid) - 1))
-    return jnp.einsum(f"{mid},{b_letters}->{eq.out}", xa * s, b[idx].astype(x.dtype))
+    xa = jnp.einsum(f"{eq.lhs},{a_letters}->{mid}", x, a_rows.astype(x.dtype))
+    s = s.reshape(-1, *(1,) * (len(mid) - 1))
+    return jnp.einsum(f"{mid},{b_letters}->{eq.out}", xa * s, b_rows.astype(x.dtype))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .._errors import AdapterMismatchError, TargetError
+from .._errors import AdapterMismatchError, BankError, TargetError
 from .._layout import Layout
 from .._paths import leaves_with_paths
 from ..nnx._convert import flat_variables, join, node
@@ -234,7 +234,8 @@ def nnx_apply(
         model: the plain base model (not adapted by ``jlora.nnx``); it is left unchanged.
         bank: an :class:`AdapterBank` (ids are then checked against its occupied slots when
             concrete), or its :attr:`~AdapterBank.factors` (what a jitted function takes).
-        ids: ``(B,)`` int adapter ids, one per example (the inputs' leading axis).
+        ids: ``(B,)`` int adapter ids, one per example (the inputs' leading axis); None when
+            ``bank`` is factors already gathered per example (:func:`jlora.serving.gather`).
         *args: the call's inputs.
         method: the method to run: None for ``model(...)``, a method name, or a function
             ``method(model, *args, **kwargs)``.
@@ -268,8 +269,13 @@ def nnx_apply(
         )
     if strategy not in STRATEGIES:
         raise ValueError(f"jlora.serving.nnx_apply: strategy {strategy!r}; expected {STRATEGIES}")
-    ids = jnp.asarray(ids)
+    ids = None if ids is None else jnp.asarray(ids)  # None: factors gathered per example
     if isinstance(bank, AdapterBank):
+        if ids is None:
+            raise BankError(
+                "jlora.serving.nnx_apply: ids=None is for factors gathered per example "
+                "(jlora.serving.gather(bank.factors, ids)); with an AdapterBank pass the ids"
+            )
         check_ids(ids, ids.shape[0] if ids.ndim else -1, bank.capacity, "jlora.serving.nnx_apply")
         if not isinstance(ids, jax.core.Tracer):
             bank.check_ids(ids)

@@ -173,3 +173,42 @@ def unpad(bf: BankFactors, slot: int, rank: int, scale: Any) -> LoraFactors:
     n_stack = a.ndim - 1 - bf.layout.fan_in_ndim
     b = jax.lax.slice_in_dim(b, 0, rank, axis=n_stack)
     return LoraFactors(a[..., :rank], b, scale, bf.layout)
+
+
+def check_trained(bank: Any, factors: Any) -> dict[str, BankFactors]:
+    """``factors`` as a bank table, if they fit ``bank`` (see :meth:`AdapterBank.with_factors`)."""
+    found = dict(leaves_with_paths(factors, is_leaf=lambda x: isinstance(x, BankFactors)))
+    if list(found) != list(bank.table):
+        raise BankError(
+            f"AdapterBank.with_factors: factors have paths {list(found)}; expected the bank's "
+            f"{list(bank.table)} (pass a tree like bank.factors)"
+        )
+    for path, old in bank.table.items():
+        new = found[path]
+        if not isinstance(new, BankFactors) or new.layout != old.layout:
+            raise BankError(f"{path}: expected BankFactors of layout {old.layout}, found {new!r}")
+        for which in ("a", "b", "scale"):
+            x, y = getattr(new, which), getattr(old, which)
+            if (tuple(x.shape), x.dtype) != (tuple(y.shape), y.dtype):
+                raise BankError(
+                    f"{path}: factor {which} has shape {tuple(x.shape)} and dtype {x.dtype}; "
+                    f"the bank's is {tuple(y.shape)} {y.dtype}"
+                )
+        if not np.array_equal(np.asarray(new.scale), np.asarray(old.scale)):
+            raise BankError(
+                f"{path}: the scales changed ({np.asarray(old.scale).tolist()} to "
+                f"{np.asarray(new.scale).tolist()}); a scale is alpha/r, not a parameter: train "
+                "with jlora.serving.freeze_scales(optimizer)"
+            )
+        a, b = np.asarray(new.a), np.asarray(new.b)
+        n_stack = a.ndim - 2 - old.layout.fan_in_ndim
+        for slot, ranks in enumerate(bank.ranks):
+            rank = 0 if ranks is None else ranks.get(path, 0)
+            pad_b = np.take(b[slot], np.arange(rank, b.shape[n_stack + 1]), axis=n_stack)
+            if np.any(a[slot][..., rank:]) or np.any(pad_b):
+                raise BankError(
+                    f"{path}: slot {slot} ({bank.names[slot]!r}, rank {rank}) has nonzero values "
+                    f"beyond its rank, in padded columns of a or rows of b; were they trained "
+                    "with weight decay or a nonzero init? Padded entries must stay exactly zero"
+                )
+    return dict(found)
