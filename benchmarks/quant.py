@@ -1,6 +1,7 @@
 """QLoRA on the benchmark decoder: base weight bytes and LoRA step time vs a bf16 base (CPU ratios).
 
     .venv/bin/python -m benchmarks.quant [--d-model 256 --layers 2 --steps 10]
+    .venv/bin/python -m benchmarks.quant --memory   # temporaries: whole vs block-wise dequantise
 
 Quantises the decoder's Dense kernels (query/key/value/out/up/down; the tied embedding stays
 bf16) to NF4 with double quantisation and to int8, and times one jitted LoRA train step (loss,
@@ -13,9 +14,12 @@ On CPU the dequantisation is extra work per step; the point of the bytes is acce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +33,69 @@ from benchmarks.timing import memory_bytes
 TARGETS = ".*/(query|key|value|out|up|down)/kernel"
 
 
+class MLP(nn.Module):
+    """``layers`` tanh Dense layers of ``width`` (the memory case of docs/design.md)."""
+
+    layers: int = 8
+    width: int = 512
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.layers):
+            x = nn.tanh(nn.Dense(self.width, dtype=self.dtype)(x))
+        return x
+
+
+def whole_weights():
+    """The adapted layers dequantise their kernel whole (the metadata-box route, as before)."""
+    return mock.patch("jlora.linen._intercept.linen_base", lambda *a, **k: None)
+
+
+def temporaries(model, params, inputs, loss, config, route) -> tuple[float, float]:
+    """``(arguments, temporaries)`` MiB of XLA's account of one compiled LoRA grad step."""
+    adapted = jlora.linen.lora(model, config)
+    adapters = adapted.init_adapters(jax.random.key(1), jq.abstract(params), inputs)
+    with route():
+        step = jax.jit(jax.grad(lambda a, p, x: loss(adapted.apply(p, a, x), x)))
+        stats = step.lower(adapters, params, inputs).compile().memory_analysis()
+    return stats.argument_size_in_bytes / 2**20, stats.temp_size_in_bytes / 2**20
+
+
+def memory(args) -> None:
+    mlp = MLP()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 512)), jnp.float32)
+    size = Size(vocab=512, d_model=args.d_model, heads=4, layers=args.layers, seq=args.seq,
+                batch=args.batch)  # fmt: skip
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, size.vocab, (size.batch, size.seq)))
+    cases = [
+        ("mlp 8x512 f32", mlp, x, lambda y, x: jnp.sum(y**2), ".*kernel", jnp.float32),
+        (
+            f"decoder d{size.d_model} L{size.layers} bf16",
+            Decoder(size, dtype=jnp.bfloat16),
+            tokens,
+            next_token_loss,
+            TARGETS,
+            jnp.bfloat16,
+        ),
+    ]
+    print(f"{'model':24} {'base':8} {'dequantise':11} {'args MiB':>9} {'temps MiB':>10}")
+    for name, model, inputs, loss, targets, dtype in cases:
+        params = model.init(jax.random.key(0), inputs)["params"]
+        params = jax.tree.map(lambda w, dtype=dtype: w.astype(dtype), params)
+        config = jlora.LoraConfig(targets=targets, rank=8)
+        rows = [(str(jnp.dtype(dtype)), "-", params, contextlib.nullcontext)]
+        for kind in ("nf4", "int8"):
+            q = jq.quantize(params, config, kind=kind)
+            rows += [
+                (kind, "whole", q, whole_weights),
+                (kind, "block-wise", q, contextlib.nullcontext),
+            ]
+        for base, route, p, ctx in rows:
+            arg, tmp = temporaries(model, p, inputs, loss, config, ctx)
+            print(f"{name:24} {base:8} {route:11} {arg:9.2f} {tmp:10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=256)
@@ -36,7 +103,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--memory", action="store_true", help="the temporaries table only")
     args = parser.parse_args()
+    if args.memory:
+        memory(args)
+        return
     size = Size(
         vocab=512, d_model=args.d_model, heads=4, layers=args.layers, seq=args.seq, batch=args.batch
     )

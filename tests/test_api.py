@@ -116,6 +116,8 @@ SUBMODULES = {
         "merge",
         "nbytes",
         "quantize",
+        "quantize_nnx",
+        "quantized_matmul",
         "remat",
     ],
     "variants": [

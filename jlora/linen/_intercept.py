@@ -31,6 +31,8 @@ from .._factors import LoraFactors
 from .._layout import Layout
 from .._merge import check_fit
 from .._paths import unbox
+from ..quant._layers import linen_base
+from ..quant._weight import QuantizedWeight
 from ._layers import (
     SUPPORTED,
     LayerKind,
@@ -140,7 +142,9 @@ class Applier(Recorder):
         if kind is None or not owns_call(kind, context):
             return next_fun(*args, **kwargs)
         factors = module.get_variable("params", kind.param + SUFFIX)
-        y = next_fun(*args, **kwargs)
+        # A quantised kernel: the base product dequantises block by block (jlora.quant).
+        y = linen_base(kind.name, module, args, kwargs)
+        y = next_fun(*args, **kwargs) if y is None else y
         if factors is None:
             return y
         owner = "/".join(module.scope.path)
@@ -242,7 +246,8 @@ def inject(
             check_extra_fit(path, node[name], factors)
             node[name] = factors.value
             continue
-        check_fit(path, unbox(node[name]), factors)
+        weight = node[name]  # a quantised weight has a shape and dtype; unboxing would dequantise
+        check_fit(path, weight if isinstance(weight, QuantizedWeight) else unbox(weight), factors)
         node[name + SUFFIX] = factors
     return root
 

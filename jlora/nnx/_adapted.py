@@ -25,6 +25,7 @@ from flax import nnx
 
 from .._errors import AdapterMismatchError, MissingRngError, TargetError
 from .._factors import LoraFactors
+from ..quant._layers import nnx_base
 from ._kinds import Kind, factors_of, is_adapted_class
 from ._sharding import explicit_out_like, new_factor
 
@@ -83,7 +84,9 @@ _PENDING: list[list[bool]] = []
 
 def _with_term(own: Any, term: Any) -> Any:
     def method(self, inputs, *args, **kwargs):
-        y = own(self, inputs, *args, **kwargs)
+        # A quantised kernel: the base product dequantises block by block (jlora.quant).
+        y = nnx_base(own, self, (inputs, *args), kwargs)
+        y = own(self, inputs, *args, **kwargs) if y is None else y
         if _PENDING:
             _PENDING[-1][0] = True
         rate, rng = _rate_and_rng(self)

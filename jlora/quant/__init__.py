@@ -10,10 +10,12 @@ same blocks) or int8 (an absmax per output channel). Only the LoRA factors train
 :func:`dequantize` is exact given the stored codes and runs inside the layer's computation: in
 ``jlora.linen`` (and any Flax Linen model) ``self.param`` unboxes a quantised weight to its
 dequantised value, so ``jlora.linen.lora(model, config).apply(qparams, adapters, x)`` needs no
-other change. Autodiff keeps each layer's dequantised weight for the backward pass, as it keeps
-activations; :func:`remat` recomputes them there instead. :func:`merge` returns float weights
-(``dequantize(q) + delta`` in a chosen dtype), optionally re-quantised with a per-weight error
-report.
+other change. The adapted ``nn.Dense`` / ``nn.DenseGeneral`` (and, after :func:`quantize_nnx`,
+``nnx.Linear``) compute their base output with :func:`quantized_matmul`, which dequantises a block
+of rows at a time in the forward and the backward pass, so no float copy of a whole weight is kept
+(elsewhere autodiff keeps each dequantised weight; :func:`remat` is the checkpoint policy for that).
+:func:`merge` returns float weights (``dequantize(q) + delta`` in a chosen dtype), optionally
+re-quantised with a per-weight error report.
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora, jlora.linen, jlora.quant
@@ -30,6 +32,8 @@ Example:
 
 from ._merge import RequantizationError as RequantizationError
 from ._merge import merge as merge
+from ._nnx import quantize_nnx as quantize_nnx
+from ._product import quantized_matmul as quantized_matmul
 from ._quantize import quantize as quantize
 from ._remat import remat as remat
 from ._weight import DEQUANTIZED as DEQUANTIZED
@@ -47,5 +51,7 @@ __all__ = [
     "merge",
     "nbytes",
     "quantize",
+    "quantize_nnx",
+    "quantized_matmul",
     "remat",
 ]

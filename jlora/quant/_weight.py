@@ -81,6 +81,15 @@ class QuantizedWeight:
         """Bytes of the stored arrays (codes, scales and double-quantisation constants)."""
         return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
 
+    def __getitem__(self, index: Any) -> jax.Array:
+        """``q[...]`` is the dequantised weight (as ``nnx.Linear`` reads ``self.kernel[...]``)."""
+        if index is not Ellipsis:
+            raise TypeError(
+                f"a quantised ({self.kind}) weight of shape {self.shape} can only be read whole, "
+                f"as q[...] (got q[{index!r}]); jlora.quant.dequantize(q) gives the float array"
+            )
+        return dequantize(self)
+
     # flax.core.meta.AxisMetadata: Flax's `self.param` unboxes a stored value to what it computes.
     def unbox(self, apply_constraint: bool = True) -> jax.Array:
         """The dequantised weight (tagged :data:`DEQUANTIZED`); Flax calls this in ``param``."""
