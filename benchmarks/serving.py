@@ -1,6 +1,7 @@
 """Mixed-adapter batches (``jlora.serving``) against the base forward and one adapter per call.
 
-``python benchmarks/serving.py [--out results/serving-cpu.md]`` times, on the benchmark decoder
+``.venv-bench/bin/python benchmarks/serving.py --steps 15 --out benchmarks/results/serving-cpu.md``
+(any Python with jlora; the PEFT cases need the ``bench`` extra) times, on the benchmark decoder
 (pinned to one core; CPU time, interleaved rounds, see timing.py), the forward pass of one batch:
 
 * ``base``: the frozen model alone;
@@ -8,7 +9,12 @@
 * ``mixed N=.., <strategy>``: ``jlora.serving.apply`` with a bank of N adapters, the examples
   assigned at random, for each strategy (gather, segment, onehot);
 * ``separate N=..``: the batch split by adapter, one jitted single-adapter forward per sub-batch
-  (what a server without mixed batches does; PEFT's ``adapter_names=`` loops the same way).
+  (what a server without mixed batches does; PEFT's ``adapter_names=`` loops the same way);
+* ``torch base`` / ``PEFT one adapter`` / ``PEFT mixed N=..``: Hugging Face PEFT on the torch twin of
+  the decoder, the same weights, adapters, batch and assignments (``serving_peft.py``: a torch
+  subprocess whose calls are timed in the same rounds, one thread), when torch and peft import
+  (``.venv-bench/bin/python benchmarks/serving.py``; ``--no-peft`` to leave it out). Its mixed
+  logits are checked against jlora's gather forward before timing.
 
 Ratios are to ``base`` and to ``one adapter``. In the same run, **decode steps** (one new token per
 row against a KV cache, ``examples/serving_decode.py``'s decoder at the same width and depth, the
@@ -41,6 +47,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import serving_peft  # noqa: E402
 from decoder import Decoder, Size  # noqa: E402
 from timing import JaxCase, run_rounds  # noqa: E402
 
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
     parser.add_argument("--new", type=int, default=32, help="decode: new tokens (cache size)")
     parser.add_argument("--parts", nargs="+", default=["forward", "decode"])
+    parser.add_argument("--no-peft", action="store_true", help="leave out PEFT's mixed batch")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     size = Size(
@@ -180,13 +188,28 @@ def main(argv: list[str] | None = None) -> None:
     template = lora.init_adapters(jax.random.key(1), params, tokens)
     n_max = max(args.adapters)
 
-    def adapters_of(template):  # b != 0: every adapter does real work
-        return [jax.tree.map(lambda x, i=i: x + 0.01 * (i + 1), template) for i in range(n_max)]
+    def adapters_of(template):
+        # b != 0: every adapter does real work. Random perturbations, not a constant per adapter:
+        # adding 0.01 * (i + 1) to every entry grew the activations with i until, near i = 64,
+        # LayerNorm's variance lost all precision (logits of 1e4 that PEFT's torch twin did not
+        # reproduce); these keep every adapter's term the size of the base's.
+        leaves, treedef = jax.tree.flatten(template)
+        out = []
+        for i in range(n_max):
+            keys = jax.random.split(jax.random.key(100 + i), len(leaves))
+            noise = [
+                0.02 * jax.random.normal(k, x.shape, x.dtype)
+                for k, x in zip(keys, leaves, strict=True)
+            ]
+            out.append(
+                jax.tree.unflatten(treedef, [x + e for x, e in zip(leaves, noise, strict=True)])
+            )
+        return out
 
     adapters = adapters_of(template)
     base = jax.jit(lambda p, t: model.apply({"params": p}, t))
     single = jax.jit(lambda p, a, t: lora.apply(p, a, t))
-    cases, memory, banks = [], {}, {}
+    cases, memory, banks, assignments = [], {}, {}, {}
     if "forward" in args.parts:
         cases += [
             JaxCase("base", base, (params, tokens), carry=0, loss_index=None),
@@ -198,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         banks[n] = nbytes(bank.factors)
         ids = jnp.asarray(rng.integers(0, n, size.batch), jnp.int32)
+        assignments[n] = np.asarray(ids)
         for strategy in STRATEGIES:
             mixed = jax.jit(lambda p, f, i, t, s=strategy: apply(model, p, f, i, t, strategy=s))
             cases.append(
@@ -213,21 +237,52 @@ def main(argv: list[str] | None = None) -> None:
             cases.append(
                 SeparateCase(f"separate N={n}", single, params, adapters, tokens, np.asarray(ids))
             )
+    peft_lines, worker = [], None
+    skipped = "PEFT left out (--no-peft)" if args.no_peft else serving_peft.available()
+    if "forward" in args.parts and skipped is None:
+        worker = serving_peft.PeftWorker(params, adapters, config, tokens, size, assignments)
+        peft_lines = peft_check(worker, cases, single(params, adapters[0], tokens), assignments)
+    elif skipped:
+        log(skipped)
     if "decode" in args.parts:
         more, memory = decode_cases(args, size, adapters_of, rng)
         cases += more
+    if worker is not None:
+        # Last in each round: the first JAX call after the torch process ran finds the caches
+        # cold, which a 40 ms forward absorbs but a 3 ms decode step does not.
+        cases += [worker.case("torch base"), worker.case("PEFT one adapter")]
+        cases += [worker.case(f"PEFT mixed N={n}") for n in args.adapters]
     log(f"{len(cases)} cases compiled; timing {args.steps} rounds")
     rows = run_rounds(cases, steps=args.steps, warmup=1, log=log)
+    if worker is not None:
+        worker.close()
     by_name = {r.name: r.cpu for r in rows}
     lines = [
         f"Decoder d_model={size.d_model}, layers={size.layers}, seq={size.seq}, "
         f"batch={size.batch}, rank {args.rank} on {TARGETS}; jax {jax.__version__}, "
         f"{jax.devices()[0].platform}, 1 core, median CPU time of {args.steps} rounds",
     ]
-    forward = [r for r in rows if not r.name.startswith("decode")]
+    forward = [r for r in rows if not r.name.startswith(("decode", "torch", "PEFT"))]
     decode = [r for r in rows if r.name.startswith("decode")]
+    peft = [r for r in rows if r.name.startswith(("torch", "PEFT"))]
     if forward:
         lines += ["", "Forward, one batch:", "", *table(forward, by_name, "base", "one adapter")]
+    if peft:
+        lines += [
+            "",
+            f"Hugging Face PEFT ({worker.versions}, torch.set_num_threads(1)), the same forward "
+            "in the same rounds: the torch twin of the decoder with the same weights, adapters "
+            "(jlora.peft.save, then PeftModel.from_pretrained and load_adapter), batch and "
+            "assignments; `adapter_names=` for the mixed batch:",
+            "",
+            *table(peft, by_name, "torch base", "PEFT one adapter"),
+            "",
+            *peft_lines,
+            "",
+            "Each library's mixed batch against its own one-adapter batch, same run:",
+            "",
+            *ratio_table(by_name, args.adapters),
+        ]
     if decode:
         lines += [
             "",
@@ -241,6 +296,44 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
+
+
+def peft_check(worker, cases, one, assignments) -> list[str]:
+    """PEFT's logits against jlora's (one adapter; gather forward for each N), relative to the largest."""
+    theirs = worker.outputs()
+    ours = {"PEFT one adapter": np.asarray(one)}
+    for case in cases:
+        if isinstance(case, JaxCase) and case.name.endswith(", gather"):
+            n = case.name.removeprefix("mixed N=").removesuffix(", gather")
+            ours[f"PEFT mixed N={n}"] = np.asarray(case.compiled(*case.args))
+    diffs = {
+        name.removeprefix("PEFT "): (np.max(np.abs(theirs[name] - x)), np.max(np.abs(x)))
+        for name, x in ours.items()
+    }
+    log(f"PEFT against jlora, (max |logit difference|, max |logit|): {diffs}")
+    listed = ", ".join(f"{name} {d / m:.1e} (of {m:.1f})" for name, (d, m) in diffs.items())
+    return [
+        "PEFT's logits against jlora's (one adapter; gather forward for N = "
+        f"{', '.join(map(str, assignments))}), max |difference| / max |logit|: {listed}."
+    ]
+
+
+def ratio_table(by_name: dict, ns: list[int]) -> list[str]:
+    """Per N: jlora gather, jlora separate calls and PEFT mixed, each / its one-adapter batch."""
+    lines = [
+        "| N | jlora gather / jlora one adapter | jlora separate calls / one adapter "
+        "| PEFT mixed / PEFT one adapter | PEFT mixed / jlora gather |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in ns:
+        gather, peft = by_name[f"mixed N={n}, gather"], by_name[f"PEFT mixed N={n}"]
+        separate = by_name.get(f"separate N={n}")
+        sep = f"{separate / by_name['one adapter']:.2f}" if separate else "-"
+        lines.append(
+            f"| {n} | {gather / by_name['one adapter']:.2f} | {sep} | "
+            f"{peft / by_name['PEFT one adapter']:.2f} | {peft / gather:.2f} |"
+        )
+    return lines
 
 
 def memory_lines(cases, banks: dict, decode: dict) -> list[str]:
