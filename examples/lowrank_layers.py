@@ -154,17 +154,21 @@ def plot(curves: dict[str, Curves], path: str) -> None:
     for row, (optimizer, runs) in zip(axes, curves.items(), strict=True):
         for ax, ylim in zip(row, ((0.0, 1.0), (0.85, 1.0)), strict=True):
             for (variant, rank), accuracy in runs.items():
+                style = "--" if variant == "autoencoder" else "-"
+                color = "black" if rank is None else colors[rank]
                 ax.plot(
                     accuracy.mean(0),
-                    "--" if variant == "autoencoder" else "-",
-                    color="black" if rank is None else colors[rank],
+                    style,
+                    color=color,
                     label="full rank" if rank is None else f"{variant} r={rank}",
                     lw=2.2 if rank is None else 1.2,
                 )
-            ax.set(xlabel="epoch", ylabel="test accuracy (mean over seeds)", ylim=ylim)
+                if ylim[0] == 0.0:  # per-seed curves: the mean hides seeds that collapse
+                    ax.plot(accuracy.T, style, color=color, lw=0.5, alpha=0.3)
+            ax.set(xlabel="epoch", ylabel="test accuracy", ylim=ylim)
             ax.grid(alpha=0.3)
-        row[0].set_title(f"{optimizer}: digits MLP, low-rank hidden layers")
-        row[1].set_title(f"{optimizer}: zoom (solid rank-aware, dashed autoencoder)")
+        row[0].set_title(f"{optimizer}: seed means (thick) and every seed (thin)")
+        row[1].set_title(f"{optimizer}: zoom on seed means")
     axes[0, 1].legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -176,19 +180,51 @@ def plot(curves: dict[str, Curves], path: str) -> None:
     Image.open(buffer).convert("RGB").quantize(colors=64).save(path, format="png", optimize=True)
 
 
+def interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of the mean over seeds (the seeds are independent runs)."""
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+    return mean, mean - half, mean + half
+
+
+def _ci(values: np.ndarray) -> str:
+    mean, lo, hi = interval(values)
+    return f"{mean:.3f} [{max(lo, 0.0):.3f}, {min(hi, 1.0):.3f}]"
+
+
+def _epochs_spread(curves: np.ndarray, level: float) -> str:
+    """Per seed: the median and range of the first epoch reaching ``level`` (never: > epochs)."""
+    epochs = curves.shape[1] - 1
+    firsts = [epochs_to(c, level) for c in curves]
+    reached = sorted(f for f in firsts if f is not None)
+    if len(reached) < len(firsts) / 2:
+        return f"> {epochs} ({len(reached)}/{len(firsts)} seeds reach it)"
+    values = reached + [epochs + 1] * (len(firsts) - len(reached))  # "never" sorts last
+    median = int(np.median(values)) if len(values) % 2 else float(np.median(values))
+    top = "never" if len(reached) < len(firsts) else str(reached[-1])
+    return f"{median} ({reached[0]}-{top})"
+
+
 def table(curves: Curves, losses: Curves) -> str:
-    """One markdown row per variant and rank (means over seeds)."""
+    """One markdown row per variant and rank: means with 95% intervals over the seeds."""
     epochs = next(iter(curves.values())).shape[1] - 1
-    header = ["variant", "r", "hidden params", "test loss at init", "acc. epoch 1", "acc. epoch 3",
-              f"acc. epoch {epochs} (mean ± std)", "epochs to 95%", "epochs to 97%"]  # fmt: skip
+    header = ["variant", "r", "hidden params", "test loss at init", "acc. epoch 1 [95% CI]",
+              f"acc. epoch {epochs} [95% CI]", f"epoch-{epochs} acc. per seed (min-max)",
+              "seeds at chance (< 0.2)", "epochs to 95% (median, range)",
+              "epochs to 97% (median, range)"]  # fmt: skip
     rows = [header, ["---"] * len(header)]
     for (variant, rank), accuracy in curves.items():
-        mean = accuracy.mean(0)
+        final = accuracy[:, -1]
         rows.append(
             [variant, str(rank or "-"), f"{hidden_params(rank):,}",
-             f"{losses[variant, rank][:, 0].mean():.3f}", f"{mean[1]:.3f}",
-             f"{mean[min(3, epochs)]:.3f}", f"{mean[-1]:.3f} ± {accuracy[:, -1].std():.3f}",
-             *(_epochs_cell(epochs_to(mean, level), epochs) for level in (0.95, 0.97))]
+             f"{losses[variant, rank][:, 0].mean():.3f}", _ci(accuracy[:, 1]), _ci(final),
+             f"{final.min():.3f}-{final.max():.3f}", f"{int((final < 0.2).sum())}/{final.size}",
+             *(_epochs_spread(accuracy, level) for level in (0.95, 0.97))]
         )  # fmt: skip
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
@@ -196,18 +232,19 @@ def table(curves: Curves, losses: Curves) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Trains every variant with each optimizer, prints the tables, writes the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: r in 2, 16; one seed")
+    parser.add_argument("--quick", action="store_true", help="smoke run: r in 2, 16; two seeds")
     parser.add_argument("--figure", default=None, help="the plot's path (default: a temp file)")
     parser.add_argument("--epochs", type=int, default=None, help="default 40 (quick: 8)")
-    parser.add_argument("--seeds", type=int, default=None, help="default 5 (quick: 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="default 5 (quick: 2)")
     parser.add_argument(
         "--optimizers", nargs="+", choices=tuple(OPTIMIZERS), help="default: all (quick: 2)"
     )
+    parser.add_argument("--save", default=None, help="write every per-seed curve to this .npz")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     ranks = (2, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     epochs = args.epochs or (8 if args.quick else 40)
-    seeds = list(range(args.seeds or (1 if args.quick else 5)))
+    seeds = list(range(args.seeds or (2 if args.quick else 5)))
     runs = [("full", None)] + [(v, r) for r in ranks for v in VARIANTS[1:]]
     curves, losses = {}, {}
     optimizers = args.optimizers or (["adam-1e-3", "sgd-0.05"] if args.quick else list(OPTIMIZERS))
@@ -223,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     figure = args.figure or tempfile.mkstemp(suffix=".png", prefix="jlora-lowrank-")[1]
     plot(curves, figure)
+    if args.save:
+        np.savez(args.save, **{f"{o}/{v}/{r}": c for o, runs in curves.items()
+                               for (v, r), c in runs.items()})  # fmt: skip
     print(f"plot: {figure}\ndone in {time.perf_counter() - start:.0f}s")
     return {"curves": curves, "losses": losses, "figure": figure}
 

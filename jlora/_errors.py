@@ -46,6 +46,11 @@ class SkippedTargetsWarning(UserWarning):
     the ``"all-linear"`` preset); the message lists each path and why."""
 
 
+class DegenerateBasisWarning(UserWarning):
+    """A singular basis was asked for where some of the singular values are zero (e.g. the output
+    side of an untrained adapter, whose ``b`` is 0): those directions are arbitrary, not learned."""
+
+
 def skipped_message(skipped: dict[str, str]) -> str:
     """One warning's text for ``{path: reason}`` of skipped weights."""
     lines = [

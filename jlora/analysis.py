@@ -7,10 +7,21 @@ space) are therefore the *left* singular vectors of ``a``, and the left-singular
 (directions of the output space) are the *right* singular vectors of ``b``.
 :func:`singular_basis` returns either, as orthonormal columns ordered by singular value.
 
-* Subspace similarity: for bases ``U1 (n, i)`` and ``U2 (n, j)``,
+* Subspace similarity: for orthonormal bases ``U1 (n, i)`` and ``U2 (n, j)``,
   ``phi = ||U1^T U2||_F^2 / min(i, j)``, in ``[0, 1]``: 1 when one span contains the other.
-* Grassmann distance: ``sqrt(sum_k arccos(sigma_k)^2)`` over the singular values ``sigma_k`` of
-  ``U1^T U2`` (the cosines of the principal angles).
+* Grassmann distance: ``sqrt(sum_k theta_k^2)`` over the principal angles ``theta_k`` between the
+  spans (``cos theta_k`` are the singular values of ``U1^T U2``). Small angles are read from their
+  sines, so identical spans are 0 apart to float64 round-off (``arccos`` alone gives ~1e-8).
+
+Both need *orthonormal* bases and refuse others (``max |U^T U - I| > 1e-4``) rather than
+orthonormalising them: ``phi`` of a non-orthonormal matrix is not bounded by 1 (``ones((4, 1))``
+with itself would give 16), and the grid's "top-``i``" columns mean singular directions, which a
+silent QR of, say, a raw factor ``a`` would not give. Pass :func:`singular_basis`'s output, or
+``np.linalg.qr(x)[0]`` where the spans of the leading columns are what you mean.
+:func:`singular_basis` warns (:class:`DegenerateBasisWarning`) when a direction it returns has
+singular value 0, as every output-side direction of an untrained adapter (``b = 0``) does: such
+directions are arbitrary, and any ``phi`` computed from them is noise.
+
 * Weight/update relation: with ``U, V`` the top-``r`` singular directions of ``delta W``,
   ``||U^T W V||_F`` measures how much of ``W`` lies in the update's subspace; the amplification
   factor is ``||delta W||_F / ||U^T W V||_F``.
@@ -20,16 +31,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Literal
 
 import jax
 import numpy as np
 
 from . import _checks
-from ._errors import AdapterMismatchError
+from ._errors import AdapterMismatchError, DegenerateBasisWarning
 from ._factors import LoraFactors
 
 __all__ = [
+    "DegenerateBasisWarning",
     "UpdateProjection",
     "adapter_tuning_param_count",
     "grassmann_distance",
@@ -99,30 +112,71 @@ def singular_basis(
     if not 1 <= k <= rank:
         raise ValueError(f"singular_basis: k={k} is outside [1, rank={rank}]")
     if side == "input":
-        u, _, _ = np.linalg.svd(
+        u, sigma, _ = np.linalg.svd(
             np.asarray(factors.a, np.float64).reshape(-1, rank), full_matrices=False
         )
-        return u[:, :k]
-    if side == "output":
-        _, _, vh = np.linalg.svd(
+        basis, factor = u[:, :k], "a"
+    elif side == "output":
+        _, sigma, vh = np.linalg.svd(
             np.asarray(factors.b, np.float64).reshape(rank, -1), full_matrices=False
         )
-        return vh[:k].T
-    raise ValueError(f"singular_basis: side={side!r}; expected 'input' or 'output'")
+        basis, factor = vh[:k].T, "b"
+    else:
+        raise ValueError(f"singular_basis: side={side!r}; expected 'input' or 'output'")
+    # Singular values at round-off level have arbitrary directions (b = 0 at init: all of them).
+    zero = sigma[:k] <= max(sigma.max(initial=0.0), np.finfo(np.float32).tiny) * 1e-7
+    if zero.any():
+        untrained = " (b = 0: an untrained adapter?)" if factor == "b" and not sigma.any() else ""
+        warnings.warn(
+            f"singular_basis: {int(zero.sum())} of the {k} {side}-side directions asked for have "
+            f"singular value 0 in {factor}{untrained}, so they are arbitrary and any phi or "
+            "distance computed from them is noise; train the adapter first or ask for fewer "
+            "directions (k)",
+            DegenerateBasisWarning,
+            stacklevel=2,
+        )
+    return basis
 
 
-def _overlap(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> np.ndarray:
-    u1, u2 = _matrix("u1", u1), _matrix("u2", u2)
+ORTHONORMAL_TOLERANCE = 1e-4
+"""Largest ``|U^T U - I|`` entry accepted as orthonormal (float32 SVDs land near 1e-6)."""
+
+
+def _orthonormal(name: str, u: jax.Array | np.ndarray) -> np.ndarray:
+    u = _matrix(name, u)
+    error = float(np.abs(u.T @ u - np.eye(u.shape[1])).max(initial=0.0))
+    if error > ORTHONORMAL_TOLERANCE:
+        raise ValueError(
+            f"{name}: the {u.shape[1]} columns of this {u.shape} array are not orthonormal "
+            f"(max |U^T U - I| = {error:.3g}, expected <= {ORTHONORMAL_TOLERANCE:g}); phi and the "
+            "Grassmann distance are defined on orthonormal bases: pass "
+            "jlora.analysis.singular_basis(factors, side), or np.linalg.qr(x)[0] for the spans "
+            "of x's leading columns"
+        )
+    return u
+
+
+def _bases(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u1, u2 = _orthonormal("u1", u1), _orthonormal("u2", u2)
     if u1.shape[0] != u2.shape[0]:
         raise ValueError(
             f"bases live in different spaces: u1 has {u1.shape[0]} rows, u2 {u2.shape[0]}; compare "
             "adapters of the same weight, on the same side"
         )
+    return u1, u2
+
+
+def _overlap(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> np.ndarray:
+    u1, u2 = _bases(u1, u2)
     return u1.T @ u2
 
 
 def subspace_similarity(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> float:
     """The paper's ``phi = ||U1^T U2||_F^2 / min(i, j)`` for orthonormal bases ``(n, i)``, ``(n, j)``.
+
+    Raises:
+        ValueError: a basis is not orthonormal (``phi`` would not be bounded by 1), or the two
+            live in spaces of different size.
 
     Example:
         >>> import numpy as np
@@ -153,16 +207,31 @@ def subspace_similarity_grid(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndar
 
 
 def grassmann_distance(u1: jax.Array | np.ndarray, u2: jax.Array | np.ndarray) -> float:
-    """Geodesic distance between the spans of two orthonormal bases: ``sqrt(sum arccos(s)^2)``.
+    """Geodesic distance between the spans of two orthonormal bases: ``sqrt(sum theta_k^2)``.
+
+    With bases of different sizes the ``min(i, j)`` principal angles are used. Angles below
+    ``pi / 4`` come from their sines (the singular values of ``U_small - U_big U_big^T U_small``),
+    the rest from their cosines, as in ``scipy.linalg.subspace_angles``: accurate to round-off at
+    both ends.
+
+    Raises:
+        ValueError: a basis is not orthonormal, or the two live in spaces of different size.
 
     Example:
         >>> import numpy as np
         >>> e = np.eye(3)
         >>> round(grassmann_distance(e[:, :1], e[:, 1:2]), 6) == round(np.pi / 2, 6)
         True
+        >>> grassmann_distance(e[:, :2], e[:, 1::-1])
+        0.0
     """
-    sigma = np.linalg.svd(_overlap(u1, u2), compute_uv=False)
-    angles = np.arccos(np.clip(sigma, 0.0, 1.0))
+    u1, u2 = _bases(u1, u2)
+    small, big = (u1, u2) if u1.shape[1] <= u2.shape[1] else (u2, u1)
+    cosines = np.linalg.svd(big.T @ small, compute_uv=False)  # descending
+    sines = np.linalg.svd(small - big @ (big.T @ small), compute_uv=False)[::-1]  # ascending
+    angles = np.where(
+        cosines**2 < 0.5, np.arccos(np.clip(cosines, 0.0, 1.0)), np.arcsin(np.clip(sines, 0, 1))
+    )
     return float(np.sqrt(np.sum(angles**2)))
 
 
@@ -176,7 +245,9 @@ class UpdateProjection:
         weight_norm: ``||W||``.
         onto_delta: ``||U^T W V||`` with ``U, V`` the top-``r`` singular directions of delta W.
         onto_weight: the same with the top-``r`` directions of ``W`` itself.
-        onto_random: the same with a random ``r``-dimensional pair of subspaces.
+        onto_random: the same with one random ``r``-dimensional pair of subspaces (a single
+            seeded draw; for a chance level use its closed form: independent uniform subspaces
+            give ``E ||U^T W V||^2 = r^2 ||W||^2 / (d k)`` for ``W: (d, k)``).
     """
 
     rank: int

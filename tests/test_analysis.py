@@ -25,7 +25,8 @@ def test_identical_orthogonal_and_rotated_subspaces():
     assert an.subspace_similarity(u, u) == pytest.approx(1.0, abs=1e-12)
     rotated = u @ rotation(rng, 4)  # the same span, other basis
     assert an.subspace_similarity(u, rotated) == pytest.approx(1.0, abs=1e-12)
-    assert an.grassmann_distance(u, rotated) == pytest.approx(0.0, abs=1e-6)
+    assert an.grassmann_distance(u, rotated) == pytest.approx(0.0, abs=1e-12)
+    assert an.grassmann_distance(u, u) == pytest.approx(0.0, abs=1e-12)
     complement = np.linalg.svd(np.eye(10) - u @ u.T)[0][:, :6]
     assert an.subspace_similarity(u, complement) == pytest.approx(0.0, abs=1e-12)
     assert an.grassmann_distance(u, complement[:, :4]) == pytest.approx(
@@ -44,6 +45,59 @@ def test_grassmann_distance_of_known_principal_angles():
     assert an.grassmann_distance(u1, u2) == pytest.approx(np.hypot(t1, t2), abs=1e-9)
     expected_phi = (np.cos(t1) ** 2 + np.cos(t2) ** 2) / 2
     assert an.subspace_similarity(u1, u2) == pytest.approx(expected_phi, abs=1e-12)
+
+
+def test_grassmann_distance_matches_scipy_at_both_ends():
+    from scipy.linalg import subspace_angles
+
+    rng = np.random.default_rng(4)
+    for n, i, j in ((30, 8, 8), (30, 3, 7), (12, 6, 2), (128, 8, 8)):
+        u1, u2 = orthonormal(rng, n, i), orthonormal(rng, n, j)
+        expected = np.sqrt(np.sum(subspace_angles(u1, u2) ** 2))
+        assert an.grassmann_distance(u1, u2) == pytest.approx(expected, abs=1e-12)
+        assert an.grassmann_distance(u2, u1) == pytest.approx(expected, abs=1e-12)
+        # Nearly identical spans: tiny angles, where arccos of the cosines loses half the digits.
+        tilted = np.linalg.qr(u1 + 1e-9 * rng.normal(size=u1.shape))[0]
+        expected = np.sqrt(np.sum(subspace_angles(u1, tilted) ** 2))
+        assert expected < 1e-7
+        assert an.grassmann_distance(u1, tilted) == pytest.approx(expected, rel=1e-4, abs=1e-15)
+
+
+def test_non_orthonormal_bases_are_refused():
+    ones = np.ones((4, 1))
+    match = r"u1: the 1 columns of this \(4, 1\) array are not orthonormal \(max \|U\^T U - I\| = 3"
+    for f in (an.subspace_similarity, an.subspace_similarity_grid, an.grassmann_distance):
+        with pytest.raises(ValueError, match=match):
+            f(ones, ones)
+        with pytest.raises(ValueError, match=r"u2: .* not orthonormal.*np.linalg.qr\(x\)\[0\]"):
+            f(np.eye(4)[:, :1], 2 * np.eye(4)[:, :2])
+    # After QR the same input is a valid basis, and phi is back in [0, 1].
+    q = np.linalg.qr(ones)[0]
+    assert an.subspace_similarity(q, q) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_float32_orthonormal_bases_are_accepted():
+    rng = np.random.default_rng(5)
+    u = np.linalg.svd(rng.normal(size=(512, 64)).astype(np.float32), full_matrices=False)[0]
+    assert u.dtype == np.float32
+    assert an.subspace_similarity(u, u) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_singular_basis_of_an_untrained_adapter_warns():
+    rng = np.random.default_rng(6)
+    a = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    f = LoraFactors(a, jnp.zeros((3, 5)), 1.0, Layout(1, 1))
+    with pytest.warns(
+        an.DegenerateBasisWarning,
+        match=r"3 of the 3 output-side directions .* \(b = 0: an untrained",
+    ):
+        an.singular_basis(f, "output")
+    assert an.singular_basis(f, "input").shape == (8, 3)  # a is random: no warning
+    rank_one = LoraFactors(a, jnp.asarray(np.outer([1.0, 2.0, 0.0], rng.normal(size=5)),
+                                          jnp.float32), 1.0, Layout(1, 1))  # fmt: skip
+    assert an.singular_basis(rank_one, "output", k=1).shape == (5, 1)
+    with pytest.warns(an.DegenerateBasisWarning, match=r"2 of the 3 output-side .* in b, so"):
+        an.singular_basis(rank_one, "output")
 
 
 def test_grid_matches_the_definition():

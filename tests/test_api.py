@@ -75,6 +75,7 @@ SUBMODULES = {
         "logical_factor_shardings",
     ],
     "analysis": [
+        "DegenerateBasisWarning",
         "UpdateProjection",
         "adapter_tuning_param_count",
         "grassmann_distance",

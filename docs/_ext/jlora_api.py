@@ -242,7 +242,7 @@ def _source_comment(name: str) -> list[str]:
 
 
 def skip_dataclass_fields(app: Sphinx, what: str, name: str, obj: Any, skip: bool, options: Any):
-    """``autodoc-skip-member``: a dataclass's (or Flax module's) fields are documented by its
+    """``autodoc-skip-member``: a dataclass's (NamedTuple's, Flax module's) fields are documented by its
     docstring's Attributes section, not again as members (autodoc would pick up a field whose
     default has a docstring, ``param_dtype = jnp.float32``, and document it a second time)."""
     if what != "class" or name not in app.config._jlora_fields:
@@ -262,6 +262,8 @@ def _build_table(app: Sphinx) -> None:
             obj = getattr(module, name)
             if inspect.isclass(obj):
                 fields.update(getattr(obj, "__dataclass_fields__", {}))
+                if issubclass(obj, tuple):  # a NamedTuple's fields, as a dataclass's
+                    fields.update(getattr(obj, "_fields", ()))
     app.config._jlora_fields = fields
 
 
