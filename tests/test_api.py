@@ -115,6 +115,7 @@ SUBMODULES = {
         "abstract",
         "dequantize",
         "merge",
+        "merge_checkpoint",
         "nbytes",
         "quantize",
         "quantize_nnx",

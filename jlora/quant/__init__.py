@@ -15,7 +15,8 @@ other change. The adapted ``nn.Dense`` / ``nn.DenseGeneral`` (and, after :func:`
 of rows at a time in the forward and the backward pass, so no float copy of a whole weight is kept
 (elsewhere autodiff keeps each dequantised weight; :func:`remat` is the checkpoint policy for that).
 :func:`merge` returns float weights (``dequantize(q) + delta`` in a chosen dtype), optionally
-re-quantised with a per-weight error report.
+re-quantised with a per-weight error report; :func:`merge_checkpoint` does the same on disk, a
+group of weights at a time.
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora, jlora.linen, jlora.quant
@@ -30,6 +31,7 @@ Example:
     (2, 64)
 """
 
+from ._disk import merge_checkpoint as merge_checkpoint
 from ._merge import RequantizationError as RequantizationError
 from ._merge import merge as merge
 from ._nnx import quantize_nnx as quantize_nnx
@@ -49,6 +51,7 @@ __all__ = [
     "abstract",
     "dequantize",
     "merge",
+    "merge_checkpoint",
     "nbytes",
     "quantize",
     "quantize_nnx",
