@@ -8,8 +8,23 @@
   :func:`dora_merge`, :func:`dora_unmerge`.
 * PiSSA / OLoRA initialisations from the base weight, with the residual base: :func:`pissa_init`,
   :func:`olora_init`; LoRA-FA (``a`` frozen): :func:`lora_fa`.
+* AdaLoRA (Zhang et al. 2023): :func:`adalora_init` (:class:`AdaloraFactors`),
+  :func:`adalora_orth`, :func:`adalora_update_importance`, :func:`adalora_budget`,
+  :func:`adalora_mask`, :func:`adalora_ranks`, :func:`adalora_to_lora`.
 """
 
+from ._adalora import AdaloraFactors as AdaloraFactors
+from ._adalora import AdaloraState as AdaloraState
+from ._adalora import adalora_budget as adalora_budget
+from ._adalora import adalora_init as adalora_init
+from ._adalora import adalora_mask as adalora_mask
+from ._adalora import adalora_orth as adalora_orth
+from ._adalora import adalora_ranks as adalora_ranks
+from ._adalora import adalora_scores as adalora_scores
+from ._adalora import adalora_state as adalora_state
+from ._adalora import adalora_to_lora as adalora_to_lora
+from ._adalora import adalora_total_rank as adalora_total_rank
+from ._adalora import adalora_update_importance as adalora_update_importance
 from ._dora import dora_dense as dora_dense
 from ._dora import dora_magnitudes as dora_magnitudes
 from ._dora import dora_merge as dora_merge
@@ -25,7 +40,19 @@ from ._relora import relora_schedule as relora_schedule
 from ._relora import reset_optimizer_state as reset_optimizer_state
 
 __all__ = [
+    "AdaloraFactors",
+    "AdaloraState",
     "GaloreState",
+    "adalora_budget",
+    "adalora_init",
+    "adalora_mask",
+    "adalora_orth",
+    "adalora_ranks",
+    "adalora_scores",
+    "adalora_state",
+    "adalora_to_lora",
+    "adalora_total_rank",
+    "adalora_update_importance",
     "dora_dense",
     "dora_magnitudes",
     "dora_merge",
