@@ -88,7 +88,7 @@ def content_mismatch(path: str, n_differing: int | None = None) -> AdapterMismat
         f"{path}: the base given has the same shape and dtype but other values than the base "
         f"the adapters were saved for (its content digest differs){count}. Were these adapters "
         "trained on another checkpoint of this model? Use the base they were trained on, or pass "
-        "base_digest=False to check shapes only"
+        "base_digest=False (on the command line: --no-base-digest) to check shapes only"
     )
 
 
