@@ -29,6 +29,8 @@ from ._dora import dora_dense as dora_dense
 from ._dora import dora_magnitudes as dora_magnitudes
 from ._dora import dora_merge as dora_merge
 from ._dora import dora_unmerge as dora_unmerge
+from ._dora_nnx import dora_nnx as dora_nnx
+from ._dora_nnx import nnx_magnitudes as nnx_magnitudes
 from ._galore import GaloreState as GaloreState
 from ._galore import galore as galore
 from ._galore import state_bytes as state_bytes
@@ -56,10 +58,12 @@ __all__ = [
     "dora_dense",
     "dora_magnitudes",
     "dora_merge",
+    "dora_nnx",
     "dora_unmerge",
     "galore",
     "lora_fa",
     "merge_and_reinit",
+    "nnx_magnitudes",
     "olora_init",
     "pissa_init",
     "relora_schedule",
