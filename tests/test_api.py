@@ -149,6 +149,7 @@ SUBMODULES = {
         "pissa_init",
         "relora_schedule",
         "reset_optimizer_state",
+        "residual_to_lora",
         "state_bytes",
     ],
     "peft": [

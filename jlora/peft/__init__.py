@@ -359,13 +359,7 @@ def load(
         >>> loaded["out"]["kernel"].a.shape, loaded["out"]["kernel"].scale
         ((4, 2), 2.0)
     """
-    adapters, config, settings, _ = _load(directory, params, module_to_path, check_finite)
-    if settings.use_dora:
-        raise PeftFormatError(
-            f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: use_dora is true: a DoRA adapter "
-            "(a magnitude per output unit beside the factors), which load would read as plain "
-            "LoRA. Read it with jlora.peft.load_dora"
-        )
+    adapters, config, _ = _load(directory, params, module_to_path, check_finite, dora=False)
     return adapters, config
 
 
@@ -411,19 +405,18 @@ def load_dora(
         >>> magnitudes["out"]["kernel"].tolist()
         [5.0, 1.0]
     """
-    adapters, config, settings, magnitudes = _load(directory, params, module_to_path, check_finite)
-    if not settings.use_dora:
-        raise PeftFormatError(
-            f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: use_dora is not true: a plain "
-            "LoRA adapter, with no magnitudes. Read it with jlora.peft.load"
-        )
+    adapters, config, magnitudes = _load(directory, params, module_to_path, check_finite, dora=True)
     return adapters, nest(magnitudes), config
 
 
 def _load(
-    directory: Any, params: Any, module_to_path: Callable[[str, Kind], str], check_finite: bool
-) -> tuple[dict[str, Any], LoraConfig, Any, dict[str, Any]]:
-    """``load``'s work: ``(adapters, config, settings, {path: DoRA magnitude})``."""
+    directory: Any,
+    params: Any,
+    module_to_path: Callable[[str, Kind], str],
+    check_finite: bool,
+    dora: bool,
+) -> tuple[dict[str, Any], LoraConfig, dict[str, Any]]:
+    """``load``'s work (``load_dora``'s with ``dora``): ``(adapters, config, {path: m})``."""
     directory = _checks.path(directory, "directory")
     _checks.function(module_to_path, "module_to_path", "lambda module, kind: module + '/kernel'")
     _checks.flag(check_finite, "check_finite")
@@ -432,6 +425,7 @@ def _load(
     tensors = _files.read_tensors(directory, check_finite)
     data = _files.check_pair(directory, data, _files.read_metadata(weights_file))
     settings = _adapter_config.read(data, config_file)
+    _dora.check_kind(settings.use_dora, dora, config_file)
     lora_tensors, saved = _extras.split_saved(tensors, settings.modules_to_save, weights_file)
     modules = _files.group(lora_tensors, weights_file)
     leaves = dict(leaves_with_paths(params))
@@ -492,7 +486,7 @@ def _load(
         b = jnp.asarray(np.asarray(entry["B"]).astype(np.float32).T)
         adapters[path] = LoraFactors(a, b, config.scale_for(path), layout)
     magnitudes = _dora.read_magnitudes(by_path, settings.use_dora, weights_file)
-    return nest(adapters), config, settings, magnitudes
+    return nest(adapters), config, magnitudes
 
 
 def _config_for(

@@ -25,6 +25,20 @@ from .._paths import leaves_with_paths
 NAME = "lora_magnitude_vector"
 
 
+def check_kind(use_dora: bool, dora: bool, where: str) -> None:
+    """Refuses a DoRA file to ``load`` and a plain one to ``load_dora``."""
+    if use_dora and not dora:
+        raise PeftFormatError(
+            f"{where}: use_dora is true: a DoRA adapter (a magnitude per output unit beside the "
+            "factors), which load would read as plain LoRA. Read it with jlora.peft.load_dora"
+        )
+    if dora and not use_dora:
+        raise PeftFormatError(
+            f"{where}: use_dora is not true: a plain LoRA adapter, with no magnitudes. Read it "
+            "with jlora.peft.load"
+        )
+
+
 def magnitudes_for(table: Mapping[str, LoraFactors], magnitudes: Any) -> dict[str, Any]:
     """``{path: m}`` for exactly the adapters of ``table``, checked.
 

@@ -7,7 +7,8 @@
 * DoRA (Liu et al. 2024): :func:`dora_dense` (the factored layer), :func:`dora_magnitudes`,
   :func:`dora_merge`, :func:`dora_unmerge`.
 * PiSSA / OLoRA initialisations from the base weight, with the residual base: :func:`pissa_init`,
-  :func:`olora_init`; LoRA-FA (``a`` frozen): :func:`lora_fa`.
+  :func:`olora_init`, and :func:`residual_to_lora` to export them as plain LoRA over the original
+  base; LoRA-FA (``a`` frozen): :func:`lora_fa`.
 * AdaLoRA (Zhang et al. 2023): :func:`adalora_init` (:class:`AdaloraFactors`),
   :func:`adalora_orth`, :func:`adalora_update_importance`, :func:`adalora_budget`,
   :func:`adalora_mask`, :func:`adalora_ranks`, :func:`adalora_to_lora`.
@@ -37,6 +38,7 @@ from ._galore import state_bytes as state_bytes
 from ._init_svd import lora_fa as lora_fa
 from ._init_svd import olora_init as olora_init
 from ._init_svd import pissa_init as pissa_init
+from ._init_svd import residual_to_lora as residual_to_lora
 from ._relora import merge_and_reinit as merge_and_reinit
 from ._relora import relora_schedule as relora_schedule
 from ._relora import reset_optimizer_state as reset_optimizer_state
@@ -68,5 +70,6 @@ __all__ = [
     "pissa_init",
     "relora_schedule",
     "reset_optimizer_state",
+    "residual_to_lora",
     "state_bytes",
 ]
