@@ -157,6 +157,7 @@ SUBMODULES = {
         "PeftFormatError",
         "WEIGHTS_NAME",
         "load",
+        "load_adalora",
         "load_dora",
         "module_to_path",
         "path_to_module",

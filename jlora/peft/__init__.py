@@ -18,6 +18,10 @@ stored as float32. Which Flax path is which module is up to two functions; the d
 ``a.b.c``. PEFT's format has one 2-D pair per module: adapters of stacked (scanned) layers,
 multi-axis kernels and convolutions are refused with a message saying how to reshape them.
 
+DoRA adapters (``use_dora``) add each module's ``lora_magnitude_vector``: :func:`save` with
+``magnitudes=`` and :func:`load_dora` (``jlora.peft._dora``). PEFT's AdaLoRA files (``lora_A``,
+``lora_E``, ``lora_B`` triplets) are read by :func:`load_adalora` (``jlora.peft._adalora``).
+
 Trainable extras (:class:`jlora.Trainable`, ``LoraConfig.trainable``) are PEFT's
 ``modules_to_save``: ``adapter_config.json`` lists their modules and each tensor is stored under the
 module's own name, ``base_model.model.<module>.weight`` (a Linear weight is the kernel transposed)
@@ -49,6 +53,7 @@ from .._targets import default_layout
 from . import _adapter_config, _dora, _extras, _files
 from ._files import CONFIG_NAME as CONFIG_NAME
 from ._files import WEIGHTS_NAME as WEIGHTS_NAME
+from ._adalora import load_adalora as load_adalora
 from ._files import Kind
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "PeftFormatError",
     "load",
+    "load_adalora",
     "load_dora",
     "module_to_path",
     "path_to_module",
