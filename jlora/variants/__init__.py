@@ -5,13 +5,18 @@
 * GaLore (Zhao et al. 2024): :func:`galore` (an optax transformation, :class:`GaloreState`),
   and :func:`state_bytes` to compare optimizer-state memory.
 * DoRA (Liu et al. 2024): :func:`dora_dense` (the factored layer), :func:`dora_magnitudes`,
-  :func:`dora_merge`, :func:`dora_unmerge`.
+  :func:`dora_merge`, :func:`dora_unmerge`; in the Flax transforms ``jlora.linen``'s
+  ``LoraModel.apply(..., magnitudes=)`` and :func:`dora_nnx` / :func:`nnx_magnitudes` for NNX;
+  PEFT ``use_dora`` files through ``jlora.peft.save(..., magnitudes=)`` and
+  ``jlora.peft.load_dora``.
 * PiSSA / OLoRA initialisations from the base weight, with the residual base: :func:`pissa_init`,
   :func:`olora_init`, and :func:`residual_to_lora` to export them as plain LoRA over the original
   base; LoRA-FA (``a`` frozen): :func:`lora_fa`.
 * AdaLoRA (Zhang et al. 2023): :func:`adalora_init` (:class:`AdaloraFactors`),
   :func:`adalora_orth`, :func:`adalora_update_importance`, :func:`adalora_budget`,
-  :func:`adalora_mask`, :func:`adalora_ranks`, :func:`adalora_to_lora`.
+  :func:`adalora_mask`, :func:`adalora_ranks`, :func:`adalora_to_lora` (the plain factors the
+  Flax transforms take, in the loss or at the end); PEFT AdaLoRA files through
+  ``jlora.peft.load_adalora``.
 """
 
 from ._adalora import AdaloraFactors as AdaloraFactors
