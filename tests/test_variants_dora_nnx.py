@@ -127,3 +127,26 @@ def test_errors_name_the_path():
     jlora.nnx.lora(cnn, jlora.LoraConfig(targets=".*kernel", rank=2), rngs=nnx.Rngs(1))
     with pytest.raises(jlora.TargetError, match=r"conv1/kernel: .* nnx\.Conv, but DoRA in jlora"):
         dora_nnx(cnn)
+
+
+def test_dropout_follows_peft_the_base_product_of_the_dropped_input_too():
+    rng = np.random.default_rng(8)
+    layer = nnx.Linear(10, 6, rngs=nnx.Rngs(0))
+    layer.bias.set_value(jnp.asarray(rng.standard_normal(6), jnp.float32))
+    config = jlora.LoraConfig("kernel", rank=2, alpha=3.0, dropout=0.4)
+    dora_nnx(jlora.nnx.lora(layer, config, rngs=nnx.Rngs(params=1, dropout=2)))
+    _perturb(layer, 9, 0.3)
+    x = jnp.asarray(rng.standard_normal((5, 10)), jnp.float32)
+    key = nnx.clone(layer).lora_rngs()  # the key the call below draws
+    got = layer(x)
+    xd = f64(jlora.ops.dropout(x, 0.4, key))  # the dropped input, as the layer forms it
+    w, bias, m = f64(layer.kernel[...]), f64(layer.bias[...]), f64(layer.lora_magnitude[...])
+    a, b, s = f64(layer.lora_a[...]), f64(layer.lora_b[...]), config.scale_for("kernel")
+    ratio = m / np.linalg.norm(w + s * a @ b, axis=0)
+    # PEFT: result = x W0 + bias + (ratio - 1) (drop(x) W0) + ratio s (drop(x) a) b.
+    want = f64(x) @ w + bias + (ratio - 1) * (xd @ w) + ratio * (s * (xd @ a) @ b)
+    magnitude = np.abs(f64(x)) @ np.abs(w) + np.abs(bias) + (1 + ratio) * (
+        np.abs(xd) @ np.abs(w) + s * (np.abs(xd) @ np.abs(a)) @ np.abs(b)
+    )
+    assert_within_roundoff(got, want, magnitude, terms=3 * 10 + 10)
+    assert not np.allclose(xd, f64(x))  # the mask did drop entries
