@@ -26,6 +26,10 @@ LoRA dropout (``config.dropout``) acts on each adapter's input in train mode onl
 :func:`lora` changes it) inside each adapted module's own scope, so the model's own dropout masks
 are unchanged. Inside ``nn.scan`` / ``nn.vmap`` the stream must be listed in ``split_rngs``, as for
 the model's own dropout. Embedding lookups take no dropout.
+
+DoRA (Liu et al. 2024): ``apply(..., magnitudes=m)`` with ``m`` from
+:func:`jlora.variants.dora_magnitudes` makes those ``nn.Dense`` / ``nn.DenseGeneral`` layers DoRA
+layers (:mod:`jlora.linen._dora`); the adapters themselves are the same.
 """
 
 from __future__ import annotations
