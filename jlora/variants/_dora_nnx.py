@@ -73,7 +73,7 @@ def nnx_magnitudes(model: Any) -> dict[str, Any]:
     """The magnitudes ``{weight path: m}`` of a model's DoRA layers (:func:`dora_nnx`).
 
     With :func:`jlora.nnx.to_adapters` they are the pair that :func:`dora_merge`,
-    ``jlora.linen``'s ``apply(..., magnitudes=)`` and :func:`jlora.peft.save_dora` take.
+    ``jlora.linen``'s ``apply(..., magnitudes=)`` and ``jlora.peft.save(..., magnitudes=)`` take.
 
     Args:
         model: an adapted NNX model.
