@@ -186,3 +186,14 @@ def test_train_step_forms_nothing_of_the_weights_shape(dropout):
     shapes = _shapes(jax.make_jaxpr(jax.grad(loss))((adapters, m), params, x).jaxpr)
     # The kernel enters as an input; no equation of the step outputs an array of its shape.
     assert [s for s in shapes if s in {(fan_in, fan_out), (fan_out, fan_in)}] == []
+
+
+def test_densegeneral_with_batch_dims_is_refused_by_path():
+    model = nn.DenseGeneral(features=5, axis=-1, batch_dims=0, name="per_head")
+    x = jnp.ones((3, 4, 6))
+    params = model.init(jax.random.key(0), x)["params"]
+    adapted = jlora.linen.lora(model, jlora.LoraConfig("kernel", rank=2))
+    adapters = adapted.init_adapters(jax.random.key(1), params, x)
+    m = {"kernel": jnp.ones((3, 5))}
+    with pytest.raises(jlora.AdapterMismatchError, match=r"kernel: DoRA .* batch_dims"):
+        adapted.apply(params, adapters, x, magnitudes=m)
