@@ -476,7 +476,7 @@ def test_load_names_missing_files(tmp_path):
     ("changes", "match"),
     [
         ({"peft_type": "IA3"}, r"peft_type is 'IA3'; expected 'LORA'"),
-        ({"use_dora": True}, r"use_dora = True is not supported: DoRA"),
+        ({"use_dora": True}, r"use_dora is true: a DoRA adapter .* jlora\.peft\.load_dora"),
         (
             {"modules_to_save": ["lm_head"]},
             r"modules_to_save lists 'lm_head' but the file holds no",

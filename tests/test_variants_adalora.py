@@ -249,3 +249,16 @@ def test_training_prunes_to_the_budget_and_the_loss_falls():
     assert ranks == true_rank  # the budget went where the target's rank is
     # Fitted to ~0.5% of the start (constant-lr Adam levels off there); rank 3 fits exactly.
     assert last < 1e-2 * first, (first, last)
+
+
+def test_to_lora_leaves_out_a_weight_that_keeps_no_triplet():
+    layout = jlora.Layout(1, 1)
+    kept = AdaloraFactors(jnp.ones((3, 2)), jnp.array([0.0, 2.0]), jnp.ones((2, 4)), 1.0, layout)
+    gone = AdaloraFactors(jnp.ones((3, 2)), jnp.zeros(2), jnp.ones((2, 4)), 1.0, layout)
+    lora = adalora_to_lora({"blocks": {"a": kept, "b": gone}, "c": gone})
+    assert list(lora) == ["blocks"] and list(lora["blocks"]) == ["a"]
+    assert lora["blocks"]["a"].rank == 1
+    params = {"blocks": {"a": jnp.zeros((3, 4)), "b": jnp.zeros((3, 4))}, "c": jnp.zeros((3, 4))}
+    merged = jlora.merge(params, lora)
+    np.testing.assert_array_equal(merged["blocks"]["b"], params["blocks"]["b"])
+    np.testing.assert_array_equal(merged["blocks"]["a"], jnp.full((3, 4), 2.0))

@@ -1,4 +1,5 @@
-"""PiSSA / OLoRA initialisations (residual + merged = W0) and LoRA-FA (a frozen)."""
+"""PiSSA / OLoRA initialisations (residual + merged = W0), their export as LoRA over the original
+base, and LoRA-FA (a frozen)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 from numerics import EPS32, assert_within_roundoff, delta_reference, f64
 
 import jlora
-from jlora.variants import lora_fa, olora_init, pissa_init
+from jlora.variants import lora_fa, olora_init, pissa_init, residual_to_lora
 
 
 def _params(seed):
@@ -123,3 +124,60 @@ def test_lora_fa_freezes_a():
 def test_lora_fa_error():
     with pytest.raises(TypeError, match=r"expected an optax.GradientTransformation"):
         lora_fa(optax.adam)
+
+
+def _delta(f, absolute=False):
+    """``scale a b`` (or ``|scale| |a| |b|``) in float64, in the weight's own axis order."""
+    d = delta_reference(f, absolute=absolute)  # factor order (*stack, *fan_in, *fan_out)
+    return np.transpose(d, f.layout.from_factor_order(d.ndim)) if f.layout.order else d
+
+
+def _trained(adapters, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: v + 0.3 * jnp.asarray(rng.standard_normal(v.shape)), adapters)
+
+
+@pytest.mark.parametrize("init", [pissa_init, olora_init])
+def test_residual_to_lora_merges_onto_the_original_base_as_residual_plus_delta(init):
+    params = _params(5)
+    residual, initial = init(params, CONFIG)
+    trained = _trained(initial, 6)
+    lora, lora_config = residual_to_lora(initial, trained, CONFIG)
+    got = jlora.merge(params, lora)
+    for path in ("dense/kernel", "stack", "gpt2"):
+        keys = path.split("/")
+        pick = lambda t: t[keys[0]][keys[1]] if len(keys) == 2 else t[keys[0]]  # noqa: E731
+        f, f0, g = pick(trained), pick(initial), pick(lora)
+        assert g.rank == 2 * f.rank and g.scale == f.scale == lora_config.scale_for(path)
+        want = f64(pick(residual)) + _delta(f)
+        # The residual was W - s a0 b0 rounded once to float32; here W + s (a b - a0 b0) is
+        # formed in float32 from W: both within a few roundings of |W| + |s a0 b0| + |s a b|.
+        magnitude = np.abs(f64(pick(params))) + _delta(f0, absolute=True) + _delta(f, True)
+        assert_within_roundoff(pick(got), want, magnitude, terms=2 * f.rank + 4, err_msg=path)
+    np.testing.assert_array_equal(got["bias"], params["bias"])
+
+
+def test_residual_to_lora_exports_to_peft_and_back(tmp_path):
+    import jlora.peft
+
+    params = {"mlp": {"up": {"kernel": _params(7)["dense"]["kernel"]}}}
+    config = jlora.LoraConfig(targets=".*kernel", rank=2, alpha=3.0, use_rslora=True)
+    residual, initial = pissa_init(params, config)
+    lora, lora_config = residual_to_lora(initial, _trained(initial, 8), config)
+    jlora.peft.save(tmp_path, lora, lora_config)
+    loaded, loaded_config = jlora.peft.load(tmp_path, params)
+    assert loaded["mlp"]["up"]["kernel"].rank == 4
+    assert loaded_config.scale_for("mlp/up/kernel") == lora["mlp"]["up"]["kernel"].scale
+    np.testing.assert_array_equal(jlora.merge(params, loaded)["mlp"]["up"]["kernel"],
+                                  jlora.merge(params, lora)["mlp"]["up"]["kernel"])  # fmt: skip
+
+
+def test_residual_to_lora_errors():
+    params = _params(9)
+    _, initial = pissa_init(params, CONFIG)
+    with pytest.raises(jlora.AdapterMismatchError, match=r"initial adapters cover"):
+        residual_to_lora(initial, {"gpt2": initial["gpt2"]}, CONFIG)
+    other = dict(initial, gpt2=jlora.LoraFactors(initial["gpt2"].a, initial["gpt2"].b, 1.0,
+                                                 initial["gpt2"].layout))  # fmt: skip
+    with pytest.raises(jlora.AdapterMismatchError, match=r"gpt2: residual_to_lora: .* differ"):
+        residual_to_lora(initial, other, CONFIG)

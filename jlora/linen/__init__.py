@@ -26,6 +26,10 @@ LoRA dropout (``config.dropout``) acts on each adapter's input in train mode onl
 :func:`lora` changes it) inside each adapted module's own scope, so the model's own dropout masks
 are unchanged. Inside ``nn.scan`` / ``nn.vmap`` the stream must be listed in ``split_rngs``, as for
 the model's own dropout. Embedding lookups take no dropout.
+
+DoRA (Liu et al. 2024): ``apply(..., magnitudes=m)`` with ``m`` from
+:func:`jlora.variants.dora_magnitudes` makes those ``nn.Dense`` / ``nn.DenseGeneral`` layers DoRA
+layers (:mod:`jlora.linen._dora`); the adapters themselves are the same.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ from .._merge import adapter_tables
 from .._paths import leaves_with_paths
 from .._summary import AdapterSummary, summary
 from .._targets import check_patterns, exact_config
+from ..variants._dora_layers import magnitude_table
+from ._dora import add_magnitudes
 from ._intercept import Applier, Trace, inject, join, strip, trace, unused_reason
 from ._layers import LayerKind, custom_kind
 
@@ -308,6 +314,7 @@ class LoraModel:
         mutable: Any = False,
         method: Any = None,
         lora_train: bool = False,
+        magnitudes: Any = None,
         **kwargs: Any,
     ) -> Any:
         """Runs the model with its adapters: ``model.apply`` plus ``scale * (x a) b`` per layer.
@@ -326,6 +333,11 @@ class LoraModel:
             lora_train: train mode for the adapters: apply LoRA dropout (``config.dropout``).
                 Independent of any ``train``/``deterministic`` argument of the model itself,
                 which goes in ``**kwargs``.
+            magnitudes: DoRA (Liu et al. 2024): ``{weight path: m}`` from
+                :func:`jlora.variants.dora_magnitudes`; each of these ``nn.Dense`` /
+                ``nn.DenseGeneral`` layers computes ``(x W0 + scale (x a) b) m / ||W0 + scale a
+                b||_c + bias`` (train ``m`` with the factors; merge with
+                :func:`jlora.variants.dora_merge`). Other adapted layers stay plain LoRA.
             **kwargs: keyword inputs, as for ``model.apply``.
 
         Returns:
@@ -335,7 +347,7 @@ class LoraModel:
         Raises:
             AdapterMismatchError: an adapter's path is not in ``params``, its shapes do not fit
                 the weight, its layout is not the module's, or it sits on a weight jlora cannot
-                adapt.
+                adapt; a magnitude has no factors, does not fit, or sits on another layer kind.
             MissingRngError: ``lora_train=True`` with ``config.dropout > 0`` and no rng stream.
 
         Example:
@@ -359,10 +371,11 @@ class LoraModel:
                 "lora_train=False to evaluate"
             )
         table, extras = adapter_tables(adapters)
+        dora = magnitude_table(table, magnitudes)
         applier = Applier(rate, self.rng_stream, self.config, self._custom())
         with nn.intercept_methods(applier):
             result = self.model.apply(
-                {"params": inject(params, table, extras), **variables},
+                {"params": add_magnitudes(inject(params, table, extras), dora), **variables},
                 *args,
                 rngs=rngs,
                 mutable=mutable,

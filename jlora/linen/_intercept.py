@@ -33,6 +33,8 @@ from .._merge import check_fit
 from .._paths import unbox
 from ..quant._layers import linen_base
 from ..quant._weight import QuantizedWeight
+from ..variants._dora_layers import DORA_SUFFIX
+from ._dora import dora_output
 from ._layers import (
     SUPPORTED,
     LayerKind,
@@ -164,6 +166,11 @@ class Applier(Recorder):
                 )
             rng = module.make_rng(self.rng_stream)
         self.used.add(path)
+        magnitude = module.get_variable("params", kind.param + DORA_SUFFIX)
+        if magnitude is not None:  # a DoRA layer (jlora.linen._dora)
+            return dora_output(
+                kind, module, method, args, kwargs, y, factors, magnitude, rate, rng, path
+            )
         return add_term(kind, module, method, args, kwargs, y, factors, rate, rng)
 
 
@@ -253,10 +260,10 @@ def inject(
 
 
 def strip(tree: Any) -> Any:
-    """``tree`` without any ``@lora`` entries (for collections returned by ``mutable=``)."""
+    """``tree`` without ``@lora`` / ``@dora`` entries (for collections returned by ``mutable=``)."""
     if not isinstance(tree, Mapping):
         return tree
-    return {k: strip(v) for k, v in tree.items() if not str(k).endswith(SUFFIX)}
+    return {k: strip(v) for k, v in tree.items() if not str(k).endswith((SUFFIX, DORA_SUFFIX))}
 
 
 @dataclasses.dataclass

@@ -19,6 +19,9 @@ they stay ``nnx.Param``), and :data:`TRAINABLE` selects factors and extras, for
 ``nnx.Optimizer(model, tx, wrt=jlora.nnx.TRAINABLE)``. They appear as :class:`jlora.Trainable` in
 :func:`to_adapters`.
 
+DoRA layers: :func:`jlora.variants.dora_nnx` gives adapted ``nnx.Linear`` / ``nnx.LinearGeneral``
+layers a ``lora_magnitude`` :class:`LoraParam` (:mod:`jlora.nnx._dora`); :func:`merge` folds it.
+
 LoRA dropout follows ``nnx.Dropout``: an adapted layer starts in train mode
 (``deterministic=False``) and draws its masks from an ``nnx.RngStream`` forked at adaptation from
 the ``dropout`` stream of ``rngs`` (``default`` if there is none); ``model.eval()``,

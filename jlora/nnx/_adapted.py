@@ -30,6 +30,7 @@ from ._kinds import Kind, factors_of, is_adapted_class
 from ._sharding import explicit_out_like, new_factor
 
 ADDED = ("lora_a", "lora_b", "lora_dropout", "lora_path", "deterministic", "lora_rngs")
+ADDED += ("lora_magnitude",)  # DoRA layers only (jlora.nnx._dora)
 _CLASSES: dict[tuple[type, Kind], type] = {}
 _MIXINS: dict[Kind, type] = {}
 
@@ -91,6 +92,10 @@ def _with_term(own: Any, term: Any) -> Any:
             _PENDING[-1][0] = True
         rate, rng = _rate_and_rng(self)
         f = factors_of(self)
+        if "lora_magnitude" in vars(self):  # a DoRA layer
+            from ._dora import dora_call  # imports this module
+
+            return dora_call(self, term, inputs, y, f, rate, rng, args, kwargs)
 
         def compute(inputs, a, b, rng):
             factors = LoraFactors(a, b, f.scale, f.layout)

@@ -20,7 +20,9 @@ from .._extras import Trainable, check_extra_fit
 from .._factors import LoraFactors
 from .._merge import _combine, adapter_tables, check_fit
 from .._paths import nest
+from ..variants._dora_layers import MAGNITUDE
 from ._adapted import LoraParam, detach, weight_of
+from ._dora import merged_weight
 from ._extras import TRAINABLE, is_extra, unmark
 from ._kinds import factors_of
 from ._sharding import new_factor
@@ -107,6 +109,8 @@ def to_adapters(source: nnx.Module | Any) -> dict[str, Any]:
     pairs: dict[Parts, dict[str, Any]] = {}
     table: dict[str, Any] = {}
     for parts, var in flat_variables(state):
+        if isinstance(var, LoraParam) and parts[-1] == MAGNITUDE:
+            continue  # DoRA's magnitude: jlora.variants.nnx_magnitudes
         if isinstance(var, LoraParam):
             pairs.setdefault(parts[:-1], {})[parts[-1]] = var
         elif is_extra(parts, var):
@@ -202,6 +206,8 @@ def to_state(model: nnx.Module, adapters: Any) -> Any:
         parts = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
         if not isinstance(var, LoraParam):
             return var.replace(extras[join(parts)].value)
+        if parts[-1] == MAGNITUDE:
+            return var  # DoRA's magnitude is not part of the adapter pytree
         path = join((*parts[:-1], var.get_metadata()["lora_weight"]))
         factors, role = table[path], parts[-1][-1]
         value = factors.a if role == "a" else factors.b
@@ -244,8 +250,10 @@ def merge(model: M, *, copy: bool = True) -> M:
     Each adapted layer becomes an instance of its original class again (``nnx.Linear``, ...) with
     no :class:`LoraParam` and no dropout attributes, and its weight is ``W0 + delta`` formed in
     float32 with ``Precision.HIGHEST`` and rounded once to the weight's dtype, as
-    :func:`jlora.merge` does. Trainable extras keep their (trained) values and lose their mark, so
-    the merged graphdef is the base's. Every other variable is unchanged.
+    :func:`jlora.merge` does (a DoRA layer's, from :func:`jlora.variants.dora_nnx`, is
+    :func:`jlora.variants.dora_merge`'s ``m V / ||V||_c``). Trainable extras keep their
+    (trained) values and lose their mark, so the merged graphdef is the base's. Every other
+    variable is unchanged.
 
     Args:
         model: an adapted ``nnx.Module``.
@@ -278,7 +286,10 @@ def merge(model: M, *, copy: bool = True) -> M:
         weight, factors = weight_of(module), factors_of(module)
         w0 = weight.get_value()
         check_fit(path, w0, factors)
-        weight.set_value(_combine(w0, factors, subtract=False))  # exactly jlora.merge's rule
+        if MAGNITUDE in vars(module):  # DoRA: as jlora.variants.dora_merge
+            weight.set_value(merged_weight(module))
+        else:
+            weight.set_value(_combine(w0, factors, subtract=False))  # exactly jlora.merge's rule
         detach(module)
     for var in extras_of(model).values():
         unmark(var)

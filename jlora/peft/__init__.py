@@ -18,6 +18,10 @@ stored as float32. Which Flax path is which module is up to two functions; the d
 ``a.b.c``. PEFT's format has one 2-D pair per module: adapters of stacked (scanned) layers,
 multi-axis kernels and convolutions are refused with a message saying how to reshape them.
 
+DoRA adapters (``use_dora``) add each module's ``lora_magnitude_vector``: :func:`save` with
+``magnitudes=`` and :func:`load_dora` (``jlora.peft._dora``). PEFT's AdaLoRA files (``lora_A``,
+``lora_E``, ``lora_B`` triplets) are read by :func:`load_adalora` (``jlora.peft._adalora``).
+
 Trainable extras (:class:`jlora.Trainable`, ``LoraConfig.trainable``) are PEFT's
 ``modules_to_save``: ``adapter_config.json`` lists their modules and each tensor is stored under the
 module's own name, ``base_model.model.<module>.weight`` (a Linear weight is the kernel transposed)
@@ -46,9 +50,10 @@ from .._layout import Layout
 from .._merge import adapter_tables
 from .._paths import leaves_with_paths, nest
 from .._targets import default_layout
-from . import _adapter_config, _extras, _files
+from . import _adapter_config, _dora, _extras, _files
 from ._files import CONFIG_NAME as CONFIG_NAME
 from ._files import WEIGHTS_NAME as WEIGHTS_NAME
+from ._adalora import load_adalora as load_adalora
 from ._files import Kind
 
 __all__ = [
@@ -56,6 +61,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "PeftFormatError",
     "load",
+    "load_adalora",
+    "load_dora",
     "module_to_path",
     "path_to_module",
     "save",
@@ -125,6 +132,7 @@ def save(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     flatten: bool = False,
+    magnitudes: Any = None,
 ) -> None:
     """Writes adapters as a PEFT LoRA adapter: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
@@ -152,6 +160,10 @@ def save(
             ``(heads, d_model, head_dim)`` query) as the torch Linear whose weight is the 2-D
             ``(fan_in, fan_out)`` view, each group of axes flattened in the weight's order. Only
             for layers that are a Linear in torch: convolutions have the same layouts.
+        magnitudes: DoRA magnitudes ``{path: m}`` (:func:`jlora.variants.dora_magnitudes`,
+            trained): written as PEFT's ``use_dora`` adapter, ``m`` as each module's
+            ``lora_magnitude_vector`` (read it back with :func:`load_dora`). Every adapter must be
+            a Linear one and have its magnitude (PEFT makes every target module DoRA).
 
     Raises:
         PeftFormatError: an adapter has stack axes or (without ``flatten``) a multi-axis kernel, a path does not map to a
@@ -200,6 +212,7 @@ def save(
     table, extras = adapter_tables(adapters)
     if not table:
         raise PeftFormatError("save: the adapter tree is empty; expected the output of jlora.init")
+    dora = None if magnitudes is None else _dora.magnitudes_for(table, magnitudes)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -230,6 +243,8 @@ def save(
         a_name, b_name = _files.NAMES[kind, "A"], _files.NAMES[kind, "B"]
         tensors[f"{_files.PREFIX}{module}.{a_name}"] = a_t
         tensors[f"{_files.PREFIX}{module}.{b_name}"] = b_t
+        if dora is not None:
+            tensors[f"{_files.PREFIX}{module}.{_dora.NAME}"] = _dora.vector(path, kind, dora, b_t)
         ranks[module], alphas[module], kinds[module] = rank, alpha, kind
     saved: dict[str, str] = {}
     for path, extra in extras.items():
@@ -268,6 +283,7 @@ def save(
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
         modules_to_save=modules_to_save,
+        use_dora=dora is not None,
     )
     _files.write_files(directory, tensors, data)
 
@@ -325,8 +341,9 @@ def load(
 
     Raises:
         FileNotFoundError: a file is missing.
-        PeftFormatError: not a LoRA adapter, a feature jlora cannot represent (DoRA, lora bias,
-            conv layers, PiSSA-style initialisations that changed the base, ...), malformed or
+        PeftFormatError: not a LoRA adapter, a feature jlora cannot represent (lora bias, conv
+            layers, PiSSA-style initialisations that changed the base, ...), a DoRA adapter
+            (read it with :func:`load_dora`), malformed or
             damaged tensors (digest), a config from another save than the tensors, ranks that
             disagree with the config, or a ``modules_to_save`` entry without tensors.
         NonFiniteError: a tensor holds NaN or infinite values (``check_finite``; a
@@ -348,6 +365,64 @@ def load(
         >>> loaded["out"]["kernel"].a.shape, loaded["out"]["kernel"].scale
         ((4, 2), 2.0)
     """
+    adapters, config, _ = _load(directory, params, module_to_path, check_finite, dora=False)
+    return adapters, config
+
+
+def load_dora(
+    directory: str | os.PathLike[str],
+    params: Any,
+    *,
+    module_to_path: Callable[[str, Kind], str] = module_to_path,
+    check_finite: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any], LoraConfig]:
+    """Reads a PEFT DoRA adapter (``use_dora: true``): factors, magnitudes and config.
+
+    As :func:`load`, plus each module's ``lora_magnitude_vector`` as the DoRA magnitude of its
+    weight: PEFT's ``||W + s B A||`` over the input features of the torch ``(out, in)`` weight is
+    jlora's norm over the fan-in of each kernel column, one per output unit, so it is taken as it
+    is (``jlora.peft._dora``). Run it with ``jlora.linen``'s ``apply(..., magnitudes=)``, or fold
+    it with :func:`jlora.variants.dora_merge`.
+
+    Args:
+        directory: a directory holding a PEFT DoRA adapter.
+        params: the base parameters (arrays or ``jax.ShapeDtypeStruct``); only shapes are read.
+        module_to_path: as for :func:`load`.
+        check_finite: as for :func:`load`.
+
+    Returns:
+        ``(adapters, magnitudes, config)``, the magnitudes ``{path: m}`` nested like the adapters.
+
+    Raises:
+        PeftFormatError: as :func:`load`; the file is not a DoRA adapter (use :func:`load`), or a
+            module lacks its magnitude or has one of the wrong shape.
+        FileNotFoundError: a file is missing.
+        AdapterMismatchError: as :func:`load`.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, jlora
+        >>> from jlora.variants import dora_magnitudes
+        >>> params = {"out": {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]])}}
+        >>> config = jlora.LoraConfig(targets=".*kernel", rank=1)
+        >>> adapters = jlora.init(jax.random.key(0), params, config)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save(d, adapters, config, magnitudes=dora_magnitudes(params, adapters))
+        ...     loaded, magnitudes, _ = load_dora(d, params)
+        >>> magnitudes["out"]["kernel"].tolist()
+        [5.0, 1.0]
+    """
+    adapters, config, magnitudes = _load(directory, params, module_to_path, check_finite, dora=True)
+    return adapters, nest(magnitudes), config
+
+
+def _load(
+    directory: Any,
+    params: Any,
+    module_to_path: Callable[[str, Kind], str],
+    check_finite: bool,
+    dora: bool,
+) -> tuple[dict[str, Any], LoraConfig, dict[str, Any]]:
+    """``load``'s work (``load_dora``'s with ``dora``): ``(adapters, config, {path: m})``."""
     directory = _checks.path(directory, "directory")
     _checks.function(module_to_path, "module_to_path", "lambda module, kind: module + '/kernel'")
     _checks.flag(check_finite, "check_finite")
@@ -356,6 +431,7 @@ def load(
     tensors = _files.read_tensors(directory, check_finite)
     data = _files.check_pair(directory, data, _files.read_metadata(weights_file))
     settings = _adapter_config.read(data, config_file)
+    _dora.check_kind(settings.use_dora, dora, config_file)
     lora_tensors, saved = _extras.split_saved(tensors, settings.modules_to_save, weights_file)
     modules = _files.group(lora_tensors, weights_file)
     leaves = dict(leaves_with_paths(params))
@@ -415,7 +491,8 @@ def load(
         a = jnp.asarray(np.asarray(entry["A"]).astype(np.float32).T)
         b = jnp.asarray(np.asarray(entry["B"]).astype(np.float32).T)
         adapters[path] = LoraFactors(a, b, config.scale_for(path), layout)
-    return nest(adapters), config
+    magnitudes = _dora.read_magnitudes(by_path, settings.use_dora, weights_file)
+    return nest(adapters), config, magnitudes
 
 
 def _config_for(

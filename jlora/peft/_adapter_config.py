@@ -111,6 +111,7 @@ class PeftSettings:
     lora_dropout: float
     init: str
     modules_to_save: tuple[str, ...] = ()
+    use_dora: bool = False  # read by jlora.peft.load_dora only; load refuses such files
 
     def rank_for(self, module: str) -> int:
         return resolve(self.rank_pattern, self.r, module)
@@ -190,6 +191,8 @@ def read(data: Any, where: str) -> PeftSettings:
             "only (not IA3, LoHa, prefix tuning, ...)"
         )
     for name, why in _UNSUPPORTED.items():
+        if name == "use_dora" and data.get(name) is True:
+            continue  # DoRA files: jlora.peft.load_dora
         if data.get(name) not in _OFF:
             raise PeftFormatError(
                 f"{where}: {name} = {data[name]!r} is not supported: {why}, which jlora's LoRA factors "
@@ -220,6 +223,7 @@ def read(data: Any, where: str) -> PeftSettings:
         lora_dropout=float(_field(data, "lora_dropout", 0.0, (int, float), where)),
         init=init,
         modules_to_save=tuple(saved),
+        use_dora=data.get("use_dora") is True,
     )
 
 
@@ -236,6 +240,7 @@ def write(
     base_model_name_or_path: str | None,
     task_type: str | None,
     modules_to_save: Sequence[str] = (),
+    use_dora: bool = False,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict for modules with the given ranks and alphas.
 
@@ -261,5 +266,5 @@ def write(
         "modules_to_save": list(modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": use_dora,
     }

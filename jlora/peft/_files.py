@@ -44,6 +44,7 @@ SUFFIXES: dict[str, tuple[Kind, str]] = {
     ".lora_B.weight": ("linear", "B"),
     ".lora_embedding_A": ("embedding", "A"),
     ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": ("linear", "M"),  # DoRA (use_dora): ||W + s B A|| per output
 }
 NAMES = {(kind, f): suffix[1:] for suffix, (kind, f) in SUFFIXES.items()}
 TENSORS_DIGEST = "jlora_tensors_sha256"
@@ -308,8 +309,8 @@ def group(tensors: dict[str, np.ndarray], where: str) -> dict[str, dict[str, Any
             raise PeftFormatError(
                 f"{where}: tensor {key!r} is not a LoRA factor; expected names "
                 f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight' / '.lora_embedding_A' / "
-                "'.lora_embedding_B'. DoRA magnitudes, lora_B biases and saved whole modules "
-                "cannot be read"
+                "'.lora_embedding_B' (and '.lora_magnitude_vector' for DoRA). lora_B biases "
+                "and saved whole modules cannot be read"
             )
         kind, which = SUFFIXES[suffix]
         module = key[len(PREFIX) : -len(suffix)]

@@ -14,6 +14,21 @@ over all weights (masked triplets still train, and may come back at the next mas
 The loop is the user's: loss ``task(merge(params, adalora_to_lora(ada, drop_masked=False))) +
 gamma adalora_orth(ada)``; after each optax step ``adalora_update_importance``; every ``delta_T``
 steps in ``[t_i, T - t_f)`` and every step after, ``adalora_mask(ada, state, adalora_budget(t))``.
+
+**In the Flax transforms** the triplets need no layer of their own: ``adalora_to_lora(ada,
+drop_masked=False)`` is traceable and differentiable, and gives the plain factors the transforms
+take, so the same loop runs on an unmodified model (``tests/test_variants_adalora_flax.py``):
+
+* ``jlora.linen``: the loss calls ``adapted.apply(params, adalora_to_lora(ada,
+  drop_masked=False), x)``; ``adalora_init`` takes the params (``LoraConfig.layouts`` from
+  ``adapted.infer_layouts`` for multi-axis kernels).
+* ``jlora.nnx``: adapt the model with the same config, ``graphdef, _, rest = nnx.split(model,
+  jlora.nnx.LoraParam, ...)``, and call ``nnx.merge(graphdef, jlora.nnx.to_state(model,
+  adalora_to_lora(ada, drop_masked=False)), rest)(x)`` in the loss; ``jlora.nnx.set_adapters(model,
+  adalora_to_lora(ada))`` loads the result.
+
+The optimizer (optax) holds the triplets, not ``nnx.Optimizer``. At the end ``adalora_to_lora(ada)``
+is ordinary LoRA (merge, checkpoints, PEFT files), of rank :func:`adalora_ranks` per weight.
 """
 
 from __future__ import annotations
@@ -142,7 +157,8 @@ def adalora_to_lora(adapters: Any, *, drop_masked: bool = True) -> Any:
     Args:
         adapters: a tree of :class:`AdaloraFactors`.
         drop_masked: drop the triplets whose ``lam`` is 0 in every stack slice, so the rank is the
-            kept count (reads values: not inside ``jit``). ``False`` keeps all ``r`` (traceable).
+            kept count (reads values: not inside ``jit``), and a weight that keeps none (its
+            delta is 0) is left out of the tree. ``False`` keeps all ``r`` (traceable).
 
     Returns:
         The same tree with :class:`jlora.LoraFactors` in place of each :class:`AdaloraFactors`;
@@ -162,11 +178,22 @@ def adalora_to_lora(adapters: Any, *, drop_masked: bool = True) -> Any:
         a, b = f.p * lam, f.q
         if drop_masked:
             keep = np.flatnonzero(np.any(np.asarray(f.lam) != 0, axis=tuple(range(f.lam.ndim - 1))))
+            if keep.size == 0:
+                return None  # nothing kept: no adapter (a rank-0 one merges to nothing anyway)
             a = jnp.take(a, keep, axis=a.ndim - 1)
             b = jnp.take(b, keep, axis=f.lam.ndim - 1)
         return LoraFactors(a, b, f.scale, f.layout)
 
-    return jax.tree.map(lambda f: one(f) if _is_ada(f) else f, adapters, is_leaf=_is_ada)
+    out = jax.tree.map(lambda f: one(f) if _is_ada(f) else f, adapters, is_leaf=_is_ada)
+    return _pruned(out) if drop_masked else out
+
+
+def _pruned(tree: Any) -> Any:
+    """``tree`` without the dict entries that are None or became empty dicts."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _pruned(v) for k, v in tree.items() if v is not None}
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def adalora_ranks(adapters: Any) -> dict[str, Any]:

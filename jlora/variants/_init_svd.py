@@ -12,7 +12,9 @@ Both return the *residual* base ``W - scale a b`` (by :func:`jlora.unmerge`: flo
 once, on each weight's sharding) with the adapters, so ``residual + scale a b = W`` at init and the
 model starts as the base. Use ``alpha = rank`` (scale 1) to make PiSSA's residual exactly the
 minor singular part, as PEFT recommends. The factors train like any others; to export an ordinary
-LoRA adapter over the *original* base, write the rank-``2r`` factors ``[a, a0]``, ``[b; -b0]``.
+LoRA adapter over the *original* base (PEFT's ``path_initial_model_for_weight_conversion``),
+:func:`residual_to_lora` writes the rank-``2r`` factors ``[a, a0]``, ``[b; -b0]``: their delta
+``scale (a b - a0 b0)`` on ``W`` is ``residual + scale a b``.
 
 **LoRA-FA** (Zhang et al. 2023): ``a`` stays at its initial value and only ``b`` trains, so the
 optimizer keeps moments for ``b`` alone (:func:`lora_fa`).
@@ -20,7 +22,9 @@ optimizer keeps moments for ``b`` alone (:func:`lora_fa`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -28,8 +32,9 @@ import jax.numpy as jnp
 import optax
 
 from .._config import LoraConfig
+from .._errors import AdapterMismatchError
 from .._factors import LoraFactors, with_extras
-from .._merge import unmerge
+from .._merge import adapter_tables, unboxed, unmerge
 from .._paths import leaves_with_paths, nest
 from .._targets import select
 from ..optim import _check_optimizer, _partition, labels
@@ -153,3 +158,76 @@ def lora_fa(optimizer: optax.GradientTransformation) -> optax.GradientTransforma
         {"train": optimizer, "frozen": optax.set_to_zero()},
         lambda tree: labels(tree, a="frozen", b="train", other="frozen", trainable="train"),
     )
+
+
+def residual_to_lora(initial: Any, adapters: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:
+    """Trained PiSSA / OLoRA adapters as an ordinary LoRA adapter over the *original* base.
+
+    PiSSA and OLoRA train on the residual base ``W - scale a0 b0``; this gives the rank-``2r``
+    factors ``a' = [a, a0]``, ``b' = [b; -b0]`` (same scale), so ``W + scale a' b' = (W - scale
+    a0 b0) + scale a b``: :func:`jlora.merge` of the result onto the original parameters is the
+    trained model (to round-off: the residual was rounded once), and :func:`jlora.peft.save` can
+    write it with the returned config, as PEFT's ``path_initial_model_for_weight_conversion``
+    does. Trainable extras pass through unchanged.
+
+    Args:
+        initial: the adapters :func:`pissa_init` / :func:`olora_init` returned (before training).
+        adapters: the trained adapters (same paths, scales and layouts).
+        config: the config both were made with.
+
+    Returns:
+        ``(lora_adapters, lora_config)``: rank ``2r`` per weight, ``alpha`` chosen so that each
+        scale is unchanged (``2 alpha``, or ``sqrt(2) alpha`` with rsLoRA), as exact per-path
+        ``rank_pattern`` / ``alpha_pattern`` entries.
+
+    Raises:
+        AdapterMismatchError: the two adapter trees differ in paths, shapes, scales or layouts.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> from jlora.variants import pissa_init, residual_to_lora
+        >>> params = {"w": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}
+        >>> config = jlora.LoraConfig("w", rank=1, alpha=1.0)
+        >>> residual, initial = pissa_init(params, config)
+        >>> trained = jax.tree.map(lambda x: 2 * x, initial)  # stands for training
+        >>> lora, lora_config = residual_to_lora(initial, trained, config)
+        >>> lora["w"].rank, lora_config.scale_for("w")
+        (2, 1.0)
+        >>> jlora.merge(params, lora)["w"].diagonal().tolist()  # residual + 4 * 3 on the top one
+        [12.0, 2.0, 1.0]
+    """
+    start, _ = adapter_tables(initial)
+    table, extras = adapter_tables(adapters)
+    if set(start) != set(table):
+        raise AdapterMismatchError(
+            f"residual_to_lora: the initial adapters cover {sorted(start)[:8]} but the trained "
+            f"ones {sorted(table)[:8]}; pass the adapters pissa_init / olora_init returned and "
+            "the same adapters after training"
+        )
+    out, ranks, alphas = {}, {}, {}
+    for path, f in table.items():
+        f0 = unboxed(start[path])
+        same = f0.a.shape == f.a.shape and f0.b.shape == f.b.shape
+        if not same or f0.scale != f.scale or f0.layout != f.layout:
+            raise AdapterMismatchError(
+                f"{path}: residual_to_lora: the initial adapter (a {tuple(f0.a.shape)}, b "
+                f"{tuple(f0.b.shape)}, scale {f0.scale}, {f0.layout}) and the trained one (a "
+                f"{tuple(f.a.shape)}, b {tuple(f.b.shape)}, scale {f.scale}, {f.layout}) differ; "
+                "were they made with the same config?"
+            )
+        a = jnp.concatenate([f.a, f0.a.astype(f.a.dtype)], axis=-1)
+        n_stack = f.a.ndim - 1 - f.layout.fan_in_ndim
+        b = jnp.concatenate([f.b, -f0.b.astype(f.b.dtype)], axis=n_stack)
+        out[path] = LoraFactors(a, b, f.scale, f.layout)
+        rank = 2 * f.rank
+        ranks[re.escape(path)] = rank
+        alphas[re.escape(path)] = f.scale * (math.sqrt(rank) if config.use_rslora else rank)
+    grow = math.sqrt(2.0) if config.use_rslora else 2.0
+    lora_config = dataclasses.replace(
+        config,
+        rank=2 * config.rank,
+        alpha=grow * config.alpha,
+        rank_pattern=tuple(ranks.items()),
+        alpha_pattern=tuple(alphas.items()),
+    )
+    return nest({**out, **extras}), lora_config
