@@ -1,6 +1,6 @@
 """QLoRA quality: LoRA over an NF4, int8, bfloat16 or float32 frozen base (issue 15).
 
-Two transfer tasks, each pretrained in float32, then frozen and LoRA-adapted over four stores of
+Two transfer tasks, each pretrained in float32, then frozen and LoRA-adapted over five stores of
 the same pretrained weights, with the same adapter init, batches and steps:
 
 - **copy -> reverse** (``decoder_tasks.py``): the decoder (2 layers, ``d_model`` 128) is pretrained
@@ -9,20 +9,22 @@ the same pretrained weights, with the same adapter init, batches and steps:
 - **digits 0-4 -> 5-9** (``digits.py``'s MLP ``64 -> 128 -> 128 -> 10``): pretrained on digits 0-4,
   adapted to 5-9; scored by test accuracy on digits 5-9.
 
-The four stores differ only in the frozen kernels that QLoRA quantises (the decoder's
+The stores differ only in the frozen kernels that QLoRA quantises (the decoder's
 ``query/key/value/out/up/down``; the MLP's two hidden layers; the heads, embeddings, positions,
 biases and norms stay float32 in every store; the MLP head is 128 x 10, not a multiple of NF4's
 block of 64): ``float32`` (as pretrained), ``bfloat16`` (rounded), ``nf4`` (NF4, blocks of 64,
-double-quantised absmax; ``jlora.quant.quantize``) and ``int8`` (per-output-channel absmax). The
-computation is float32 in every case (a bfloat16 kernel is promoted; a quantised one goes through
-``jlora.quant.quantized_matmul``), so what differs is the frozen weight's rounding alone.
+double-quantised absmax; ``jlora.quant.quantize``), ``int8`` (per-output-channel absmax) and the
+control ``nf4 as float32`` (NF4's values in plain float32 kernels). The computation is float32 in
+every case (a bfloat16 kernel is promoted; a quantised one goes through
+``jlora.quant.quantized_matmul``), so what differs is the frozen weight's rounding alone, and the
+control separates NF4's rounding from the quantised code path.
 
 A seed ``s`` draws the pretraining (init and batches: one pretrained base per seed), the adapter
 init and the adaptation batches; every store of seed ``s`` starts from the same adapters. Reported:
 the mean and 95% t-interval over seeds of each store's final metric, and of the paired per-seed
-difference to the bfloat16 store (the issue's claim: NF4 within 1 point of the bfloat16-base LoRA).
+differences of :data:`PAIRS` (the issue's claim: NF4 within 1 point of the bfloat16-base LoRA).
 
-Run: ``python examples/qlora_quality.py [--seeds 5] [--quick]``.
+Run: ``python examples/qlora_quality.py [--seeds 5] [--quick] [--tasks reverse --adapt-steps 200]``.
 """
 
 from __future__ import annotations
@@ -321,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=None, help="default 5 (--quick: 2)")
     parser.add_argument("--quick", action="store_true", help="shorter runs, for the slow test")
     parser.add_argument("--tasks", default="reverse,digits", help="comma-separated")
+    parser.add_argument(
+        "--adapt-steps", type=int, default=None, help="reverse's (default 500; --quick: 300)"
+    )
     args = parser.parse_args(argv)
     seeds = args.seeds or (2 if args.quick else 5)
     start = time.perf_counter()
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "reverse" in tasks:
         task = ReverseTask(
             pretrain_steps=200 if args.quick else 400,
-            adapt_steps=300 if args.quick else 500,
+            adapt_steps=args.adapt_steps or (300 if args.quick else 500),
             rank=8,
             alpha=16.0,
         )
