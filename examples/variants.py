@@ -179,7 +179,7 @@ def decoder_task(steps: int, pretrain: int, d_model: int = 128) -> Task:
     return Task(
         "decoder", model, params, r"layers_\d+/(query|value)/kernel", 4, test[:1],
         lambda k: make_batch(k, spec, "reverse", 32), loss, val, test, scores, steps,
-        (2e-3, 5e-3, 1.25e-2),
+        (2e-3, 5e-3, 1.25e-2, 3.125e-2),
         tuple(f"layers_{i}/{n}/kernel" for i in range(spec.layers) for n in ("query", "value")),
     )  # fmt: skip
 
@@ -237,7 +237,7 @@ def digits_task(steps: int, pretrain: int) -> Task:
     return Task(
         "digits", model, params, r"hidden_[01]/kernel", 2, x_tr[:1],
         sampler(x_tr[y_tr >= 5], y_tr[y_tr >= 5]), xent, new(x_va, y_va), new(x_te, y_te),
-        class_scores, steps, (3e-3, 1e-2, 3e-2), ("hidden_0/kernel", "hidden_1/kernel"),
+        class_scores, steps, (1e-2, 3e-2, 1e-1, 3e-1), ("hidden_0/kernel", "hidden_1/kernel"),
     )  # fmt: skip
 
 
@@ -426,7 +426,7 @@ def experiment_a(task: Task, seeds: tuple[int, ...], sweep_seeds: tuple[int, ...
             runs = [fit_method(task, name, make_setup, s, lr) for s in sweep_seeds]
             losses = [evaluate(task, st, tr, task.val)["loss"] for st, tr, _ in runs]
             sweep[lr] = float(np.mean(losses))
-        lr = min(sweep, key=sweep.get) if sweep else task.lrs[len(task.lrs) // 2]
+        lr = min(sweep, key=sweep.get) if sweep else task.lrs[1]
         per_seed, infos, trained = [], [], {}
         for s in seeds:
             setup, trainable, info = fit_method(task, name, make_setup, s, lr)
@@ -629,7 +629,9 @@ def table_c(task: Task, res: dict) -> tuple[str, str]:
         full = [numerical_rank(_svd(d[path])[1]) for d in res["full"]]
         rank_rows.append([path.replace("/kernel", ""), *[f"{min(v)}-{max(v)}" for v in per_k],
                           f"{min(lora)}-{max(lora)}", f"{min(full)}-{max(full)}"])  # fmt: skip
-    head = ["weight", *[f"ReLoRA, {k + 1} segments (<= {(k + 1) * r})" for k in range(k_max)],
+    segments = [f"ReLoRA, {k + 1} segment{'s' if k else ''} (<= {(k + 1) * r})"
+                for k in range(k_max)]  # fmt: skip
+    head = ["weight", *segments,
             f"LoRA r={r}", "full fine-tune"]  # fmt: skip
     ranks = markdown_table(head, rank_rows)
     k_top = k_max * r
@@ -716,6 +718,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds per lr of each sweep")
     parser.add_argument("--steps", type=int, default=300, help="decoder adaptation steps")
+    parser.add_argument("--galore-lrs", default="3e-3,1e-2,3e-2,1e-1", help="the GaLore/Adam sweep")
+    parser.add_argument("--galore-ranks", default="8,32")
     parser.add_argument("--figures", default=None, help="directory for the ReLoRA spectrum figure")
     parser.add_argument("--parts", default="dgbc", help="d: decoder variants, g: digits variants, "
                         "b: GaLore vs Adam, c: ReLoRA (needs d)")  # fmt: skip
@@ -750,7 +754,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "b" in args.parts:
         hidden = 128 if quick else 256
         res_b = experiment_b(seeds, sweep_seeds, steps=200 if quick else 600, hidden=hidden,
-                             ranks=(8, 32), lrs=(1e-3, 3e-3, 1e-2, 3e-2))  # fmt: skip
+                             ranks=tuple(int(r) for r in args.galore_ranks.split(",")),
+                             lrs=tuple(float(x) for x in args.galore_lrs.split(",")))  # fmt: skip
         results["galore"] = res_b
         print(f"\n### GaLore vs Adam, digits MLP 64-{hidden}-{hidden}-10 from scratch "
               f"({res_b['_params']:,} params)\n")  # fmt: skip
