@@ -1,18 +1,18 @@
 """LoRA's variants against plain LoRA, GaLore against Adam, ReLoRA's rank growth (issue 16).
 
 Experiment A: each variant of ``jlora.variants`` against plain LoRA at equal trainable parameters
-on two adaptation tasks: the copy -> reverse decoder of ``decoder_tasks.py`` ({q, v} of both
-layers) and digits 0-4 -> 5-9 (the MLP of ``digits.py``, both hidden layers). Methods: LoRA,
-rsLoRA, DoRA (at the ranks just below and above LoRA's parameter count: its magnitudes count),
-PiSSA and OLoRA inits, LoRA-FA at equal rank and at equal parameters (``a`` frozen), AdaLoRA
-budgeted to LoRA's total rank. Each method's learning rate is the best of a small sweep on
-separate sweep seeds, scored on a validation set; then 5 evaluation seeds (paired: the same
-batches per seed for every method).
+on two adaptation tasks: the copy -> reverse decoder of ``decoder_tasks.py`` at ``d_model`` 64
+({q, v} of both layers) and digits 0-4 -> 5-9 (the MLP of ``digits.py``, both hidden layers).
+Methods: LoRA, rsLoRA, DoRA (at the ranks just below and above LoRA's parameter count: its
+magnitudes count), PiSSA and OLoRA inits, LoRA-FA at equal rank and at equal parameters (``a``
+frozen), AdaLoRA budgeted to LoRA's total rank. Each method's learning rate is the best of a
+small sweep on a separate sweep seed, scored on a validation set; then 5 evaluation seeds
+(paired: the same batches per seed for every method).
 
 Experiment B: GaLore (Adam inside) against full Adam, training a digits MLP from scratch: test
 accuracy and loss, and optimizer-state bytes (``state_bytes``) at two ranks.
 
-Experiment C: ReLoRA ({q, v}, rank 4, a merge and reset every 100 of 500 steps) against plain LoRA
+Experiment C: ReLoRA ({q, v}, rank 4, a merge and reset every 75 of 300 steps) against plain LoRA
 at the same rank and steps and a full fine-tune, on the decoder task: the singular spectrum of the
 total update ``W - W0`` after each restart, and its subspace similarity (``jlora.analysis``) to
 the full fine-tune's update.
@@ -21,8 +21,9 @@ DoRA and AdaLoRA are not in ``jlora.linen`` yet, so their loss forms the effecti
 (``dora_merge``; ``merge`` of ``adalora_to_lora``) inside the jitted loss and calls the plain
 model: the gradients equal the factored layer's, the step is only slower.
 
-Run: ``python examples/variants.py --figures docs/figures`` (full, ~10-15 min on 2 cores);
-``--quick`` for a smoke run (about a minute). Prints markdown tables.
+Run: ``python examples/variants.py --figures docs/figures`` (``--parts`` picks experiments; at
+load 15-34 on 2 cores the decoder part took 31 min, digits 7, GaLore 23); ``--quick`` for a smoke
+run (a smaller budget, 2 seeds, no sweep). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class Task:
     steps: int
     lrs: tuple[float, ...]
     weights: tuple[str, ...] = ()  # the adapted kernels' paths
+    quick_lr: float = 1e-2  # --quick skips the sweep
 
 
 def decoder_task(steps: int, pretrain: int, d_model: int = 128) -> Task:
@@ -181,6 +183,7 @@ def decoder_task(steps: int, pretrain: int, d_model: int = 128) -> Task:
         lambda k: make_batch(k, spec, "reverse", 32), loss, val, test, scores, steps,
         (2e-3, 5e-3, 1.25e-2, 3.125e-2),
         tuple(f"layers_{i}/{n}/kernel" for i in range(spec.layers) for n in ("query", "value")),
+        1.25e-2,
     )  # fmt: skip
 
 
@@ -238,6 +241,7 @@ def digits_task(steps: int, pretrain: int) -> Task:
         "digits", model, params, r"hidden_[01]/kernel", 2, x_tr[:1],
         sampler(x_tr[y_tr >= 5], y_tr[y_tr >= 5]), xent, new(x_va, y_va), new(x_te, y_te),
         class_scores, steps, (1e-2, 3e-2, 1e-1, 3e-1), ("hidden_0/kernel", "hidden_1/kernel"),
+        3e-2,
     )  # fmt: skip
 
 
@@ -426,7 +430,7 @@ def experiment_a(task: Task, seeds: tuple[int, ...], sweep_seeds: tuple[int, ...
             runs = [fit_method(task, name, make_setup, s, lr) for s in sweep_seeds]
             losses = [evaluate(task, st, tr, task.val)["loss"] for st, tr, _ in runs]
             sweep[lr] = float(np.mean(losses))
-        lr = min(sweep, key=sweep.get) if sweep else task.lrs[1]
+        lr = min(sweep, key=sweep.get) if sweep else task.quick_lr
         per_seed, infos, trained = [], [], {}
         for s in seeds:
             setup, trainable, info = fit_method(task, name, make_setup, s, lr)
@@ -515,7 +519,7 @@ def experiment_b(
             ps = [one(name, lr, s) for s in sweep_seeds]
             losses = [class_scores(model.apply({"params": p}, val[0]), val)["loss"] for p in ps]
             sweep[lr] = float(np.mean(losses))
-        lr = min(sweep, key=sweep.get) if sweep else 3e-3
+        lr = min(sweep, key=sweep.get) if sweep else 1e-2
         test_logits = [model.apply({"params": one(name, lr, s)}, test[0]) for s in seeds]
         runs = [class_scores(logits, test) for logits in test_logits]
         state = tx_for(name).init(params0)
@@ -742,7 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(table_a(dec, dec_results, baseline=f"LoRA r={dec.rank}"))
         print_adalora(dec_results)
     if "g" in args.parts:
-        dig = digits_task(steps=100 if quick else 400, pretrain=300 if quick else 800)
+        dig = digits_task(steps=200 if quick else 400, pretrain=400 if quick else 800)
         base = dig.scores(dig.model.apply({"params": dig.params}, dig.test[0]), dig.test)
         results["digits_base"] = base
         print(f"\ndigits base on 5-9: {base}")

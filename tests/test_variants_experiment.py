@@ -79,8 +79,9 @@ def test_variants_quick_run(tmp_path):
         assert all(run["loss"] < 0.8 * base_loss for run in res["runs"]), name
     dig = out["digits"]
     assert out["digits_base"]["score"] < 0.05  # a head trained on 0-4 never says 5-9
-    for name, res in dig.items():
+    for name, res in dig.items():  # chance among 5-9 is 0.2
         assert all(run["score"] > 0.3 for run in res["runs"]), name
+        assert all(run["loss"] < 0.25 * out["digits_base"]["loss"] for run in res["runs"]), name
     for info in dig["AdaLoRA 3 -> 2 per weight"]["infos"]:
         assert sum(info["ranks"].values()) == 4
     galore = out["galore"]
