@@ -10,8 +10,9 @@ benchmark decoder (``run.py``'s cpu preset; pinned to one core, CPU time, interl
 * ``dropout 0.1, bernoulli``: the same step with the mask drawn as before, by
   ``jax.random.bernoulli(key, 1 - rate, shape)`` (one hash per element, float compares).
 
-The dropout key is an argument of the compiled step (a constant key would let XLA fold the mask), and
-the frozen-base *floor* runs in the same rounds. Ratios are to ``no dropout`` of the same targets.
+The dropout key is an argument of the compiled step (a constant key would let XLA fold the
+mask), and the frozen-base *floor* runs in the same rounds. Ratios are to ``no dropout`` of
+the same targets.
 """
 
 from __future__ import annotations
