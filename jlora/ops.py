@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from . import _checks, _explicit
+from . import _checks, _explicit, _mask
 from ._errors import AdapterMismatchError, MissingRngError
 from ._factors import LoraFactors
 
@@ -65,6 +65,12 @@ LORA_INPUT = "lora_input"  # the checkpoint_name of every adapter input (see the
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout: zeros each entry with probability ``rate``, scales the rest by ``1/(1-rate)``.
+
+    Each entry is an independent Bernoulli draw from 16 random bits (four entries per Threefry
+    hash), so it is kept with probability ``1 - rate`` rounded to a multiple of ``2**-16``
+    (``58982/65536`` for 0.1; exact for 0.5), and a kept entry is exactly ``x * (1 / (1 - rate))``
+    with the factor rounded to ``x``'s dtype. The mask is a function of ``rng`` and ``x``'s shape
+    only: the same on every backend and in the backward pass, and it is never drawn twice.
 
     Args:
         x: the adapter's input.
@@ -93,8 +99,11 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
             "'dropout' rng stream) for training, or dropout=0 / deterministic mode for evaluation"
         )
     _checks.prng_key(rng, "rng")
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+    keep = _mask.keep_mask(rng, rate, x.shape)
+    # XLA turns a division by a constant into this product anyway; written out, it is exactly
+    # x * fl(1 / (1 - rate)) in x's dtype on every backend.
+    scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
+    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
 def _is_rate(rate: object) -> bool:

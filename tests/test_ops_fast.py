@@ -128,9 +128,9 @@ def test_dropout_values_and_gradients_equal_float64():
     g = jnp.asarray(rng.normal(size=(2, 8, 9)).astype(np.float32))
     key = jax.random.key(11)
     out, grad_x, grad_a, grad_b = _value_and_grads(x, f, g, dropout_rate=0.3, rng=key)
-    keep = np.asarray(jax.random.bernoulli(key, 0.7, x.shape))
+    keep = np.asarray(ops.dropout(jnp.ones(x.shape), 0.3, key)) != 0  # the mask dense_branch uses
     dropped = np.where(keep, np.asarray(x, np.float64) / 0.7, 0.0)
-    # The float32 division by 0.7 (on the way in, and out for grad x) rounds twice more.
+    # The float32 scaling by 1/0.7 (on the way in, and out for grad x) rounds twice more.
     got = {"out": out, "grad a": grad_a, "grad b": grad_b}
     _assert_within_roundoff(got, dropped, f.a, f.b, f.scale, g, extra_terms=2)
     abs_inputs = (np.abs(np.asarray(t, np.float64)) for t in (dropped, f.a, f.b, f.scale, g))
