@@ -19,6 +19,8 @@ import rank_ablation  # noqa: E402
 
 SUBSPACES = runpy.run_path(str(EXAMPLES / "subspaces.py"), run_name="subspaces")
 LOWRANK = runpy.run_path(str(EXAMPLES / "lowrank_layers.py"), run_name="lowrank_layers")
+BUDGET = runpy.run_path(str(EXAMPLES / "budget_ablation.py"), run_name="budget_ablation")
+DYNAMICS = runpy.run_path(str(EXAMPLES / "update_dynamics.py"), run_name="update_dynamics")
 SPEC = dt.Spec(symbols=5, length=4, d_model=8, heads=2, layers=1)
 
 
@@ -73,6 +75,88 @@ def test_fit_minimises_a_quadratic_on_fresh_batches():
     np.testing.assert_allclose(np.asarray(w), np.asarray(target), atol=0.02)
     with pytest.raises(ValueError, match="steps=250 must be a positive multiple of chunk=100"):
         dt.fit(loss, w, jnp.float32(1.0), make, steps=250, lr=0.1, key=jax.random.key(0))
+
+
+def test_fit_many_takes_the_steps_of_fit_for_each_member():
+    target = jnp.array([1.0, -2.0, 0.5])
+
+    def loss(w, scale, batch):
+        return scale * jnp.mean(jnp.sum((w[None, :] - batch) ** 2, -1))
+
+    make = lambda k: target[None, :] + 0.1 * jax.random.normal(k, (8, 3))  # noqa: E731
+    lrs, seeds = (0.01, 0.05), (3, 4)
+    with jax.numpy_dtype_promotion("standard"):
+        many = dt.fit_many(
+            loss, jnp.zeros((2, 3)), jnp.float32(2.0), make, steps=40, chunk=20,
+            lrs=jnp.array(lrs), keys=jnp.stack([jax.random.key(s) for s in seeds]),
+        )  # fmt: skip
+        one = dt.fit(loss, jnp.zeros(3), jnp.float32(2.0), make, steps=40, chunk=20,
+                     lr=lrs[1], key=jax.random.key(seeds[1]))  # fmt: skip
+    # Same batches and steps; only the order of the lr multiplication differs.
+    np.testing.assert_allclose(np.asarray(many[1]), np.asarray(one), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(many[0]), np.asarray(many[1]), atol=1e-3)
+    with pytest.raises(ValueError, match="steps=30 must be a positive multiple of chunk=20"):
+        dt.fit_many(loss, jnp.zeros((2, 3)), jnp.float32(1.0), make, steps=30, chunk=20,
+                    lrs=jnp.array(lrs), keys=jnp.stack([jax.random.key(0)] * 2))  # fmt: skip
+
+
+def test_budget_ranks_keep_the_budget_and_matched_steps():
+    for config in BUDGET["CONFIGS"]:
+        rank, types = BUDGET["rank_of"](config), len(config.split(","))
+        assert an.lora_param_count(2 * types, 128, rank) == 4096  # 2 layers, d_model 128
+        # The matched step: (alpha / r) * lr is the same for every configuration.
+        assert BUDGET["ALPHA"] / rank * BUDGET["matched_lr"](config) == pytest.approx(0.01)
+        assert BUDGET["matched_lr"](config) in BUDGET["LRS"]
+    assert [BUDGET["rank_of"](c) for c in ("q", "q,v", "q,k,v,o")] == [8, 4, 2]
+
+
+def test_best_lr_is_chosen_on_validation_not_test():
+    runs = [{"lr": 1e-2, "accuracy": 0.9, "val_accuracy": 0.5},
+            {"lr": 5e-3, "accuracy": 0.1, "val_accuracy": 0.6}] * 2  # fmt: skip
+    assert BUDGET["best_lr"]({"q": runs}, "q") == 5e-3
+    assert len(BUDGET["select"]({"q": runs}, "q", 1e-2)) == 2
+
+
+def test_update_measures_match_numpy():
+    rng = np.random.default_rng(5)
+    n, rank = 16, 3
+    w = rng.normal(size=(n, n))
+    u = np.linalg.qr(rng.normal(size=(n, rank)))[0]
+    v = np.linalg.qr(rng.normal(size=(n, rank)))[0]
+    sigma = np.array([3.0, 2.0, 1.0])
+    m = DYNAMICS["measure"](w, u @ np.diag(sigma) @ v.T, rank)
+    np.testing.assert_allclose(m["sigma"], sigma, rtol=1e-12)
+    assert m["top1"] == pytest.approx(9 / 14, rel=1e-12)
+    assert m["top4"] == pytest.approx(1.0, rel=1e-12)  # a rank-3 update has it all in 3
+    assert m["stable_rank"] == pytest.approx(14 / 9, rel=1e-12)
+    uw = np.linalg.svd(w)[0]
+    grid = m["grid"]
+    assert grid.shape == (rank, n) and grid[:, -1] == pytest.approx(1.0)  # all of R^n
+    assert grid[0, 0] == pytest.approx(float(u[:, 0] @ uw[:, 0]) ** 2, abs=1e-10)
+    assert m["top_dirs"].shape == (n, rank)
+    projected = np.linalg.norm(u.T @ w @ v)
+    assert m["amplification"] == pytest.approx(np.linalg.norm(sigma) / projected, rel=1e-6)
+    matrix = DYNAMICS["seed_matrix"]([m, DYNAMICS["measure"](w, u @ v.T, rank)])
+    np.testing.assert_allclose(matrix, np.ones((2, 2)), atol=1e-10)  # one span, two spectra
+
+
+def test_torch_init_has_pytorch_bounds_and_a_third_of_the_variance():
+    key = jax.random.key(0)
+    kernel = np.asarray(LOWRANK["torch_kernel"]()(key, (256, 512)), np.float64)
+    assert np.abs(kernel).max() <= 1 / 16 and np.abs(kernel).max() > 0.99 / 16
+    assert kernel.var() == pytest.approx(1 / (3 * 256), rel=0.02)
+    bias = np.asarray(LOWRANK["torch_bias"](64)(key, (4096,)), np.float64)
+    assert np.abs(bias).max() <= 1 / 8 and bias.var() == pytest.approx(1 / (3 * 64), rel=0.1)
+    # The stacked layers: a ~ U(+-1/sqrt(n)), b and the bias ~ U(+-1/sqrt(r)), so y = x a b has
+    # variance r |x|^2 / (3 n) / (3 r) = |x|^2 / (9 n): a third of one layer's |x|^2 / (3 n).
+    n, r = 64, 8
+    params = LOWRANK["TorchLowRank"](128, r).init(key, jnp.zeros((1, n)))["params"]
+    a, b, bias = (np.asarray(params[k], np.float64) for k in ("a", "b", "bias"))
+    assert a.shape == (n, r) and b.shape == (r, 128) and bias.shape == (128,)
+    assert np.abs(a).max() <= 1 / 8 and np.abs(b).max() <= 1 / np.sqrt(8)
+    assert np.abs(bias).max() <= 1 / np.sqrt(8)
+    assert a.var() == pytest.approx(1 / (3 * n), rel=0.2)
+    assert b.var() == pytest.approx(1 / (3 * r), rel=0.2)
 
 
 def test_random_phi_is_the_mean_phi_of_random_subspaces():
