@@ -1,10 +1,10 @@
 """The LoRA paper's Table 5, complete: which weights to adapt at a fixed parameter budget.
 
 The decoder of ``decoder_tasks.py``, pretrained to *copy* (400 steps, as in ``rank_ablation.py``),
-is LoRA-adapted to *reverse* with a budget of 4,096 trainable parameters (``2 L d r_total`` with
-``L = 2`` layers, ``d = 128``, ``r_total = 8`` summed over the adapted weight types): each of W_q, W_k, W_v, W_o alone at r = 8,
-{q, k} and {q, v} at r = 4, and {q, k, v, o} at r = 2, the paper's pattern (its 18M budget gives
-r = 8, 4, 2 in the same way).
+is LoRA-adapted to *reverse* with a budget of 4,096 trainable parameters (``2 L d r_total``
+with ``L = 2`` layers, ``d = 128``, ``r_total = 8`` summed over the adapted weight types): each
+of W_q, W_k, W_v, W_o alone at r = 8, {q, k} and {q, v} at r = 4, and {q, k, v, o} at r = 2,
+the paper's pattern (its 18M budget gives r = 8, 4, 2 in the same way).
 
 Rank and step size. jlora's scale is ``alpha / r`` (alpha = 8 fixed, as in the paper), and under
 Adam each step moves ``b`` by about the learning rate whatever the gradient's size, so the step
@@ -68,7 +68,9 @@ def train_config(
     """
     rank = rank_of(config)
     targets = "|".join(NAMES[t] for t in config.split(","))
-    lora_config = jlora.LoraConfig(targets=rf"layers_\d+/({targets})/kernel", rank=rank, alpha=ALPHA)
+    lora_config = jlora.LoraConfig(
+        targets=rf"layers_\d+/({targets})/kernel", rank=rank, alpha=ALPHA
+    )
     model = jlora.linen.lora(runs.model, lora_config)
     members = [(s, lr) for lr in lrs for s in seeds]
     initial = [
@@ -117,7 +119,9 @@ def select(results: dict[str, list[dict]], config: str, lr: float) -> list[dict]
 def best_lr(results: dict[str, list[dict]], config: str) -> float:
     """The learning rate with the highest mean *validation* token accuracy over the seeds."""
     lrs = sorted({r["lr"] for r in results[config]})
-    return max(lrs, key=lambda lr: np.mean([r["val_accuracy"] for r in select(results, config, lr)]))
+    return max(
+        lrs, key=lambda lr: np.mean([r["val_accuracy"] for r in select(results, config, lr)])
+    )
 
 
 def matched_lr(config: str) -> float:
@@ -167,21 +171,49 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=None, help="default 5 (quick: 2)")
     parser.add_argument("--save", default=None, help="pickle the per-run scores here")
     parser.add_argument("--grid", action="store_true", help="every learning rate of LRS")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS,
+                        help="a subset, e.g. to run two processes (default: all)")  # fmt: skip
+    parser.add_argument("--only", choices=("paper", "others"), default=None,
+                        help="only lr 5e-3, or only the other learning rates (default: both)")
+    parser.add_argument("--load", nargs="+", default=None,
+                        help="print the tables of --save pickles (merged; trusted files only)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.load:
+        results, base = {}, None
+        for path in args.load:
+            with open(path, "rb") as f:
+                saved = pickle.load(f)
+            for config, trained in saved["results"].items():
+                results[config] = results.get(config, []) + trained
+            base = saved["base"]
+        results = {c: results[c] for c in CONFIGS if c in results}
+        text = tables(results)
+        print(f"frozen base: token accuracy {base['accuracy']:.3f}\n\n{text}")
+        return {"results": results, "base": base, "text": text}
     steps = (200, 200) if args.quick else (400, 500)
     runs = Runs(Spec(), pretrain_steps=steps[0], adapt_steps=steps[1], alpha=ALPHA)
     validation = make_batch(jax.random.key(54321), runs.spec, "reverse", 1024)
     seeds = tuple(range(args.seeds or (2 if args.quick else 5)))
-    results = {}
-    for config in CONFIGS:
-        lrs = (5e-3,) if args.quick else LRS if args.grid else sorted({5e-3, matched_lr(config)})
-        results[config] = train_config(runs, config, seeds, tuple(lrs), validation)
-        print(f"{config}: {time.perf_counter() - start:.0f}s", flush=True)
-    base = runs.base()
-    if args.save:  # before the tables: the runs are the expensive part
-        with open(args.save, "wb") as f:
-            pickle.dump({"results": results, "base": base}, f)
+    results, base = {}, runs.base()
+    # The paper's slice first for every configuration, then the other learning rates: an
+    # interrupted run still has a complete first slice (the pickle is rewritten after each).
+    passes = {None: (True, False), "paper": (True,), "others": (False,)}[args.only]
+    for first in passes:
+        for config in args.configs:
+            if args.quick:
+                lrs = (5e-3,) if first else ()
+            else:
+                every = LRS if args.grid else sorted({5e-3, matched_lr(config)})
+                lrs = (5e-3,) if first else tuple(lr for lr in every if lr != 5e-3)
+            if not lrs:
+                continue
+            trained = train_config(runs, config, seeds, lrs, validation)
+            results[config] = results.get(config, []) + trained
+            print(f"{config} at {lrs}: {time.perf_counter() - start:.0f}s", flush=True)
+            if args.save:
+                with open(args.save, "wb") as f:
+                    pickle.dump({"results": results, "base": base}, f)
     text = tables(results)
     print(f"frozen base: token accuracy {base['accuracy']:.3f}\n\n{text}")
     print(f"done in {time.perf_counter() - start:.0f}s")

@@ -33,24 +33,26 @@ from sklearn.model_selection import train_test_split
 from jlora.lowrank import LowRankDense
 
 VARIANTS = ("full", "rank_aware", "autoencoder", "full_torch", "autoencoder_torch")
-"""The Flax-default models (``full``, ``rank_aware``, ``autoencoder``), and PyTorch's default init."""
+"""The Flax-default models (``full``, ``rank_aware``, ``autoencoder``), then PyTorch's init."""
 TORCH = ("full_torch", "autoencoder_torch")
 BATCH = 32
 
 
 def torch_kernel() -> jax.nn.initializers.Initializer:
-    """PyTorch's ``nn.Linear`` default, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: variance 1/(3 fan_in)."""
+    """PyTorch's ``nn.Linear`` kernel default, ``U(+-1/sqrt(fan_in))``: variance 1/(3 fan_in)."""
     return jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def torch_bias(fan_in: int) -> jax.nn.initializers.Initializer:
     """PyTorch's ``nn.Linear`` bias default, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
     bound = 1 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 class TorchLowRank(nn.Module):
-    """``x a b + bias`` initialised as two stacked PyTorch ``nn.Linear`` layers (seed 003's AE layer).
+    """``x a b + bias`` initialised as two stacked PyTorch ``nn.Linear`` layers (seed 003's AE).
 
     ``a`` and ``b`` get the default kernel init of their fan-ins ``n`` and ``r``, so ``x a b`` has a
     third of the output variance of one default PyTorch layer (``1/(9n)`` against ``1/(3n)``).

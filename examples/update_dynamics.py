@@ -51,12 +51,17 @@ def train(runs: Runs, rank: int, seeds: tuple[int, ...], steps: int) -> dict[int
     """
     config = jlora.LoraConfig(targets=r"layers_\d+/(query|value)/kernel", rank=rank, alpha=8.0)
     model = jlora.linen.lora(runs.model, config)
-    initial = [model.init_adapters(jax.random.key(100 + s), runs.params, runs.test[:1]) for s in seeds]
+    initial = [
+        model.init_adapters(jax.random.key(100 + s), runs.params, runs.test[:1]) for s in seeds
+    ]
     snapshots: dict[int, list[dict]] = {}
 
     def keep(step: int, stacked: object) -> None:
         host = jax.device_get(stacked)
-        snapshots[step] = [jax.tree.map(lambda x: x[m], host) for m in range(len(seeds))]  # noqa: B023
+        snapshots[step] = [
+            jax.tree.map(lambda x: x[m], host)  # noqa: B023
+            for m in range(len(seeds))
+        ]
 
     fit_many(
         lambda a, p, tokens: answer_loss(model.apply(p, a, tokens), tokens, runs.spec),
@@ -141,12 +146,14 @@ def tables(m: dict, ranks: tuple[int, ...], steps: int, layers: int, short: int 
                 c = min(CORNER, rank)
                 fig7.append(
                     [layer, f"W_{name[0]}", rank, _ci([x["grid"][0, 0] for x in final], high=1.0),
-                     f"{1 / n:.3f}", _ci([x["grid"][c - 1, c - 1] for x in final], high=1.0), f"{c / n:.3f}",
+                     f"{1 / n:.3f}", _ci([x["grid"][c - 1, c - 1] for x in final], high=1.0),
+                     f"{c / n:.3f}",
                      _ci([x["grid"][0, 31] for x in final], high=1.0), f"{32 / n:.3f}"]
                 )  # fmt: skip
                 spectrum.append(
                     [layer, f"W_{name[0]}", rank, _ci([x["top1"] for x in final], high=1.0),
-                     _ci([x["top4"] for x in final], high=1.0), _ci([x["stable_rank"] for x in final], low=1.0)]
+                     _ci([x["top4"] for x in final], high=1.0),
+                     _ci([x["stable_rank"] for x in final], low=1.0)]
                 )  # fmt: skip
                 row = [layer, f"W_{name[0]}", rank] + [
                     _ci([x["amplification"] for x in m[rank, steps, s, layer, name]])
@@ -265,7 +272,9 @@ def plot(m: dict, ranks: tuple[int, ...], steps: int, layer: int, figures: pathl
                 xlabel="step", yscale="log")  # fmt: skip
     if 64 in ranks:
         for name in WEIGHTS:
-            pairs = np.array([_pairs(seed_matrix(m[64, steps, s, layer, name])) for s in checkpoints])
+            pairs = np.array(
+                [_pairs(seed_matrix(m[64, steps, s, layer, name])) for s in checkpoints]
+            )
             axes[1].plot(checkpoints, pairs.mean(1), styles[name], color="k", label=f"W_{name[0]}")
             axes[1].fill_between(checkpoints, pairs.min(1), pairs.max(1), color="k", alpha=0.1)
         axes[1].axhline(CORNER / n, color="r", lw=0.8, label="chance 8/128")

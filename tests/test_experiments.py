@@ -310,8 +310,8 @@ def test_lowrank_layers_quick_run(tmp_path):
         out = LOWRANK["main"](["--quick", "--figure", str(figure)])
     assert set(out["curves"]) == {"adam-1e-3", "sgd-0.05"}
     for curves in out["curves"].values():
-        assert set(curves) == {("full", None)} | {
-            (v, r) for v in ("rank_aware", "autoencoder") for r in (2, 16)
+        assert set(curves) == {("full", None), ("full_torch", None)} | {
+            (v, r) for v in ("rank_aware", "autoencoder", "autoencoder_torch") for r in (2, 16)
         }
         for accuracy in curves.values():
             assert accuracy.shape == (2, 9) and np.all((accuracy >= 0) & (accuracy <= 1))
@@ -323,4 +323,58 @@ def test_lowrank_layers_quick_run(tmp_path):
     # the balanced rank-aware one learns.
     sgd = out["curves"]["sgd-0.05"]
     assert np.all(sgd["autoencoder", 2][:, -1] < 0.2) and np.all(sgd["rank_aware", 2][:, -1] > 0.4)
+    # Seed 003 as posed: PyTorch's default (a third of the variance) trails the variance-matched
+    # Flax autoencoder after one epoch (full scale: 0.2-0.5 lower from r = 16 on) with either
+    # optimizer, and its smaller SGD steps keep r = 2 from collapsing (0/5 seeds against 5/5).
+    for curves in out["curves"].values():
+        torch, flax = curves["autoencoder_torch", 16][:, 1], curves["autoencoder", 16][:, 1]
+        assert torch.mean() < flax.mean() - 0.1, (torch, flax)
+    assert np.all(sgd["autoencoder_torch", 2][:, -1] > 0.4)
     assert figure.stat().st_size > 10_000
+    assert pathlib.Path(out["seed_003_figure"]).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_budget_ablation_quick_run(capsys):
+    """Section 2's Table 5 at a fixed budget, at the --quick scale (200 steps, 2 seeds, lr 5e-3)."""
+    with jax.numpy_dtype_promotion("standard"):
+        out = BUDGET["main"](["--quick"])
+    results = out["results"]
+    assert list(results) == list(BUDGET["CONFIGS"])
+    for config, runs in results.items():
+        assert [r["seed"] for r in runs] == [0, 1] and {r["lr"] for r in runs} == {5e-3}
+        assert all(r["trainable"] == 4096 for r in runs), config  # one budget for all
+        assert all(0 <= r["accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 for r in runs)
+    # Every configuration learns something the frozen base cannot do (it scores chance).
+    assert out["base"]["accuracy"] < 0.2
+    mean = {c: np.mean([r["accuracy"] for r in runs]) for c, runs in results.items()}
+    assert all(m > out["base"]["accuracy"] + 0.1 for m in mean.values()), mean
+    printed = capsys.readouterr().out
+    assert "| {q,k,v,o} | 2 | 4,096 | 4.000 |" in printed
+
+
+@pytest.mark.slow
+def test_update_dynamics_quick_run(tmp_path):
+    """Section 3's delta W claims at the --quick scale (200 steps, r = 4 and 64, 2 seeds)."""
+    with jax.numpy_dtype_promotion("standard"):
+        out = DYNAMICS["main"](["--quick", "--figures", str(tmp_path)])
+    m = out["measures"]
+    for layer, name in ((0, "query"), (0, "value"), (1, "query"), (1, "value")):
+        for step in (100, 200):
+            for rank in (4, 64):
+                for x in m[rank, 200, step, layer, name]:
+                    assert x["grid"].shape == (rank, 64)
+                    assert np.all((x["grid"] >= -1e-12) & (x["grid"] <= 1 + 1e-12))
+                    assert 1 - 1e-9 <= x["stable_rank"] <= rank + 1e-9
+            # Amplification: large at r = 4, small at r = 64, at every snapshot.
+            amplification = {
+                r: np.mean([x["amplification"] for x in m[r, 200, step, layer, name]])
+                for r in (4, 64)
+            }
+            assert amplification[4] > 2 * amplification[64], (layer, name, step, amplification)
+            # Two seeds' top-8 delta W directions overlap far above chance (8 / 128).
+            pair = DYNAMICS["seed_matrix"](m[64, 200, step, layer, name])[0, 1]
+            assert pair > 3 * 8 / 128, (layer, name, step, pair)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"fig7_delta_vs_w.png", "delta_spectrum.png", "delta_dynamics.png",
+                       "delta_seed_matrix.png"}  # fmt: skip
