@@ -140,6 +140,19 @@ def test_update_measures_match_numpy():
     np.testing.assert_allclose(matrix, np.ones((2, 2)), atol=1e-10)  # one span, two spectra
 
 
+def test_host_delta_equals_jlora_delta():
+    import jlora
+
+    rng = np.random.default_rng(6)
+    a = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    tree = {"layers_0": {"query": {"kernel": jlora.LoraFactors(a, b, 4.0, jlora.Layout(1, 1))}}}
+    expected = np.asarray(jlora.delta(tree)["layers_0"]["query"]["kernel"], np.float64)
+    reference = 4.0 * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    np.testing.assert_allclose(DYNAMICS["_delta"](tree, 0, "query"), reference, rtol=1e-12)
+    np.testing.assert_allclose(expected, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_init_has_pytorch_bounds_and_a_third_of_the_variance():
     key = jax.random.key(0)
     kernel = np.asarray(LOWRANK["torch_kernel"]()(key, (256, 512)), np.float64)
@@ -345,10 +358,14 @@ def test_budget_ablation_quick_run(capsys):
         assert [r["seed"] for r in runs] == [0, 1] and {r["lr"] for r in runs} == {5e-3}
         assert all(r["trainable"] == 4096 for r in runs), config  # one budget for all
         assert all(0 <= r["accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 for r in runs)
-    # Every configuration learns something the frozen base cannot do (it scores chance).
-    assert out["base"]["accuracy"] < 0.2
+    # The claims of docs/experiments.md, section 2 (full scale: v or o alone within 0.03 of the
+    # base, every configuration with q or k 0.6-0.9 above it).
+    base = out["base"]["accuracy"]
+    assert base < 0.2
     mean = {c: np.mean([r["accuracy"] for r in runs]) for c, runs in results.items()}
-    assert all(m > out["base"]["accuracy"] + 0.1 for m in mean.values()), mean
+    assert mean["v"] < base + 0.06 and mean["o"] < base + 0.06, mean
+    for config in ("q", "k", "q,k", "q,v", "q,k,v,o"):
+        assert mean[config] > base + 0.25, (config, mean)
     printed = capsys.readouterr().out
     assert "| {q,k,v,o} | 2 | 4,096 | 4.000 |" in printed
 
@@ -375,6 +392,15 @@ def test_update_dynamics_quick_run(tmp_path):
             # Two seeds' top-8 delta W directions overlap far above chance (8 / 128).
             pair = DYNAMICS["seed_matrix"](m[64, 200, step, layer, name])[0, 1]
             assert pair > 3 * 8 / 128, (layer, name, step, pair)
+        # delta W is effectively rank 1-2 even at r = 64: its top 4 directions hold most of it.
+        assert all(x["top4"] > 0.8 for x in m[64, 200, 200, layer, name]), (layer, name)
+    # Figure 7: layer-0 W_q's update lies in W's top directions (full scale: phi(1, 32) 0.72-0.82,
+    # chance 0.25); layer-0 W_v's does not (0.24-0.27).
+    phi_1_32 = {
+        name: np.mean([x["grid"][0, 31] for x in m[64, 200, 200, 0, name]])
+        for name in ("query", "value")
+    }
+    assert phi_1_32["query"] > 0.5 and phi_1_32["value"] < 0.45, phi_1_32
     written = {p.name for p in tmp_path.iterdir()}
     assert written == {"fig7_delta_vs_w.png", "delta_spectrum.png", "delta_dynamics.png",
                        "delta_seed_matrix.png"}  # fmt: skip
