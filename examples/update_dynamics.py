@@ -209,6 +209,8 @@ def tables(m: dict, ranks: tuple[int, ...], steps: int, layers: int, short: int 
 def _heat(ax: object, grid: np.ndarray, title: str, vmax: float) -> object:
     image = ax.imshow(grid, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto",
                       extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))  # fmt: skip
+    if grid.shape[0] <= CORNER:
+        ax.set_yticks(range(1, grid.shape[0] + 1))
     ax.set_title(title, fontsize=8)
     ax.set_xlabel("j (W)", fontsize=7)
     ax.set_ylabel("i (ΔW)", fontsize=7)
