@@ -259,8 +259,12 @@ def plot_seed_003(curves: dict[str, Curves], path: str, ranks: tuple[int, ...]) 
         row[0].set_ylabel("test accuracy (every seed)")
     axes[-1, -1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=70)
     plt.close(fig)
+    from PIL import Image  # a 64-colour palette keeps the committed PNG small
+
+    Image.open(buffer).convert("RGB").quantize(colors=64).save(path, format="png", optimize=True)
 
 
 def interval(values: np.ndarray) -> tuple[float, float, float]:
