@@ -32,12 +32,51 @@ from sklearn.model_selection import train_test_split
 
 from jlora.lowrank import LowRankDense
 
-VARIANTS = ("full", "rank_aware", "autoencoder")
+VARIANTS = ("full", "rank_aware", "autoencoder", "full_torch", "autoencoder_torch")
+"""The Flax-default models (``full``, ``rank_aware``, ``autoencoder``), then PyTorch's init."""
+TORCH = ("full_torch", "autoencoder_torch")
 BATCH = 32
 
 
+def torch_kernel() -> jax.nn.initializers.Initializer:
+    """PyTorch's ``nn.Linear`` kernel default, ``U(+-1/sqrt(fan_in))``: variance 1/(3 fan_in)."""
+    return jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_bias(fan_in: int) -> jax.nn.initializers.Initializer:
+    """PyTorch's ``nn.Linear`` bias default, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
+class TorchLowRank(nn.Module):
+    """``x a b + bias`` initialised as two stacked PyTorch ``nn.Linear`` layers (seed 003's AE).
+
+    ``a`` and ``b`` get the default kernel init of their fan-ins ``n`` and ``r``, so ``x a b`` has a
+    third of the output variance of one default PyTorch layer (``1/(9n)`` against ``1/(3n)``).
+    The first layer has no bias (as in seed 003); the bias is the second layer's.
+    """
+
+    features: int
+    rank: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a = self.param("a", torch_kernel(), (x.shape[-1], self.rank))
+        b = self.param("b", torch_kernel(), (self.rank, self.features))
+        y = x @ a @ b
+        bias = self.param("bias", torch_bias(self.rank), (self.features,))
+        return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+
+
 class MLP(nn.Module):
-    """Two hidden layers, full-rank (``rank=None``) or low-rank with the given init scheme."""
+    """Two hidden layers, full-rank (``rank=None``) or low-rank with the given init scheme.
+
+    ``init_scheme`` is a :data:`VARIANTS` name (the ``full*`` ones ignore ``rank``); the ``*_torch``
+    variants initialise every layer, the head included, with PyTorch's ``nn.Linear`` default.
+    """
 
     rank: int | None = None
     init_scheme: str = "rank_aware"
@@ -45,14 +84,23 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        torch = self.init_scheme in TORCH
         for i in range(2):
-            if self.rank is None:
+            if self.rank is None and torch:
+                layer = nn.Dense(self.hidden, kernel_init=torch_kernel(),
+                                 bias_init=torch_bias(x.shape[-1]), name=f"hidden_{i}")  # fmt: skip
+            elif self.rank is None:
                 layer = nn.Dense(self.hidden, name=f"hidden_{i}")
+            elif torch:
+                layer = TorchLowRank(self.hidden, self.rank, name=f"hidden_{i}")
             else:
                 layer = LowRankDense(
                     self.hidden, self.rank, init_scheme=self.init_scheme, name=f"hidden_{i}"
                 )
             x = nn.relu(layer(x))
+        if torch:
+            return nn.Dense(10, kernel_init=torch_kernel(), bias_init=torch_bias(self.hidden),
+                            name="head")(x)  # fmt: skip
         return nn.Dense(10, name="head")(x)
 
 
@@ -154,6 +202,8 @@ def plot(curves: dict[str, Curves], path: str) -> None:
     for row, (optimizer, runs) in zip(axes, curves.items(), strict=True):
         for ax, ylim in zip(row, ((0.0, 1.0), (0.85, 1.0)), strict=True):
             for (variant, rank), accuracy in runs.items():
+                if variant in TORCH:  # drawn by plot_seed_003
+                    continue
                 style = "--" if variant == "autoencoder" else "-"
                 color = "black" if rank is None else colors[rank]
                 ax.plot(
@@ -176,6 +226,43 @@ def plot(curves: dict[str, Curves], path: str) -> None:
     plt.close(fig)
     # A 64-colour palette keeps the committed PNG small (pillow ships with matplotlib).
     from PIL import Image
+
+    Image.open(buffer).convert("RGB").quantize(colors=64).save(path, format="png", optimize=True)
+
+
+SEED_003 = {"full": ("black", "full, Flax"), "full_torch": ("grey", "full, PyTorch init"),
+            "rank_aware": ("tab:green", "rank-aware"), "autoencoder": ("tab:blue", "AE, Flax"),
+            "autoencoder_torch": ("tab:red", "AE, PyTorch init")}  # fmt: skip
+
+
+def plot_seed_003(curves: dict[str, Curves], path: str, ranks: tuple[int, ...]) -> None:
+    """Every seed's test accuracy per epoch (no means), one panel per optimizer and rank (PNG).
+
+    Seed 003's comparison: the autoencoder with PyTorch's default init against the Flax
+    (variance-matched) one, the rank-aware init and both full-rank baselines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(curves), len(ranks), figsize=(3.6 * len(ranks), 3.0 * len(curves)),
+                             squeeze=False, sharey=True)  # fmt: skip
+    for row, (optimizer, runs) in zip(axes, curves.items(), strict=True):
+        for ax, rank in zip(row, ranks, strict=True):
+            for variant, (color, label) in SEED_003.items():
+                accuracy = runs[variant, None if variant.startswith("full") else rank]
+                lines = ax.plot(accuracy.T, color=color, lw=0.9, alpha=0.7)
+                lines[0].set_label(label)
+            ax.set(title=f"{optimizer}, r = {rank}", xlabel="epoch", ylim=(0, 1))
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("test accuracy (every seed)")
+    axes[-1, -1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=70)
+    plt.close(fig)
+    from PIL import Image  # a 64-colour palette keeps the committed PNG small
 
     Image.open(buffer).convert("RGB").quantize(colors=64).save(path, format="png", optimize=True)
 
@@ -213,7 +300,8 @@ def _epochs_spread(curves: np.ndarray, level: float) -> str:
 def table(curves: Curves, losses: Curves) -> str:
     """One markdown row per variant and rank: means with 95% intervals over the seeds."""
     epochs = next(iter(curves.values())).shape[1] - 1
-    header = ["variant", "r", "hidden params", "test loss at init", "acc. epoch 1 [95% CI]",
+    header = ["variant", "r", "hidden params", "test loss at init", "acc. epoch 0 [95% CI]",
+              "acc. epoch 1 [95% CI]",
               f"acc. epoch {epochs} [95% CI]", f"epoch-{epochs} acc. per seed (min-max)",
               "seeds at chance (< 0.2)", "epochs to 95% (median, range)",
               "epochs to 97% (median, range)"]  # fmt: skip
@@ -222,7 +310,8 @@ def table(curves: Curves, losses: Curves) -> str:
         final = accuracy[:, -1]
         rows.append(
             [variant, str(rank or "-"), f"{hidden_params(rank):,}",
-             f"{losses[variant, rank][:, 0].mean():.3f}", _ci(accuracy[:, 1]), _ci(final),
+             f"{losses[variant, rank][:, 0].mean():.3f}", _ci(accuracy[:, 0]), _ci(accuracy[:, 1]),
+             _ci(final),
              f"{final.min():.3f}-{final.max():.3f}", f"{int((final < 0.2).sum())}/{final.size}",
              *(_epochs_spread(accuracy, level) for level in (0.95, 0.97))]
         )  # fmt: skip
@@ -240,12 +329,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--optimizers", nargs="+", choices=tuple(OPTIMIZERS), help="default: all (quick: 2)"
     )
     parser.add_argument("--save", default=None, help="write every per-seed curve to this .npz")
+    parser.add_argument(
+        "--seed-003-figure", default=None, help="the per-seed PyTorch-init plot (default: temp)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     ranks = (2, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     epochs = args.epochs or (8 if args.quick else 40)
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
-    runs = [("full", None)] + [(v, r) for r in ranks for v in VARIANTS[1:]]
+    runs = [("full", None), ("full_torch", None)] + [
+        (v, r) for r in ranks for v in ("rank_aware", "autoencoder", "autoencoder_torch")
+    ]
     curves, losses = {}, {}
     optimizers = args.optimizers or (["adam-1e-3", "sgd-0.05"] if args.quick else list(OPTIMIZERS))
     for optimizer in optimizers:
@@ -260,11 +354,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
     figure = args.figure or tempfile.mkstemp(suffix=".png", prefix="jlora-lowrank-")[1]
     plot(curves, figure)
+    seed_003 = args.seed_003_figure or tempfile.mkstemp(suffix=".png", prefix="jlora-003-")[1]
+    plot_seed_003(curves, seed_003, (2, 16) if args.quick else (2, 8, 32))
     if args.save:
         np.savez(args.save, **{f"{o}/{v}/{r}": c for o, runs in curves.items()
                                for (v, r), c in runs.items()})  # fmt: skip
-    print(f"plot: {figure}\ndone in {time.perf_counter() - start:.0f}s")
-    return {"curves": curves, "losses": losses, "figure": figure}
+    print(f"plots: {figure}, {seed_003}\ndone in {time.perf_counter() - start:.0f}s")
+    return {"curves": curves, "losses": losses, "figure": figure, "seed_003_figure": seed_003}
 
 
 if __name__ == "__main__":
