@@ -38,6 +38,8 @@ from ._nnx import quantize_nnx as quantize_nnx
 from ._product import quantized_matmul as quantized_matmul
 from ._quantize import quantize as quantize
 from ._remat import remat as remat
+from ._store import restore as restore
+from ._store import save as save
 from ._weight import DEQUANTIZED as DEQUANTIZED
 from ._weight import QuantizedWeight as QuantizedWeight
 from ._weight import abstract as abstract
@@ -57,4 +59,6 @@ __all__ = [
     "quantize_nnx",
     "quantized_matmul",
     "remat",
+    "restore",
+    "save",
 ]

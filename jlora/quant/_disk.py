@@ -1,15 +1,17 @@
 """`merge_checkpoint` onto a quantised base on disk, one weight at a time.
 
-The base is an orbax PyTree checkpoint of a quantised params tree (``ocp.StandardCheckpointer()
-.save(dir, jlora.quant.quantize(params, ...))``). orbax stores only the arrays of a
-:class:`QuantizedWeight` (``codes``, ``scales``, ...): its kind, shape, dtype, block size and axes
-are static metadata that never reach the disk, and NF4 and int4 codes look the same there. So the
-merge takes ``like``, the quantised tree's structure (``jax.eval_shape`` of the ``quantize`` call
-costs nothing), checks every array on disk against it, and reads the base a group of weights at a
-time with orbax's partial restore. Each weight is merged by :func:`jlora.quant.merge` itself, so
+The base is a quantised params tree saved by :func:`jlora.quant.save`: an orbax PyTree checkpoint
+whose ``jlora_quant.json`` holds each :class:`QuantizedWeight`'s kind, shape, dtype, block size and
+axes (orbax stores only the arrays, and NF4 and int4 codes look the same there). A checkpoint that
+orbax alone wrote (``ocp.StandardCheckpointer().save(dir, qparams)``) has no such file: then
+``like``, the quantised tree's structure (``jax.eval_shape`` of the ``quantize`` call costs
+nothing), supplies the metadata; given with a ``jlora_quant.json`` it must agree with it. Every
+array on disk is checked against the metadata, and the base is read a group of weights at a time
+with orbax's partial restore. Each weight is merged by :func:`jlora.quant.merge` itself, so
 the output equals the in-memory merge bit for bit; it is written with orbax's partial saving
-into a journalled scratch directory and renamed into place once complete, with the same rules
-as :func:`jlora.checkpoint.merge_checkpoint` (whose private helpers this module reuses).
+into a journalled scratch directory (with its own ``jlora_quant.json``, so a re-quantised
+output restores with :func:`jlora.quant.restore`) and renamed into place once complete, with the
+same rules as :func:`jlora.checkpoint.merge_checkpoint` (whose private helpers this module reuses).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .._paths import nest, path_to_str
 from ..checkpoint import _disk_merge as dm
 from ..checkpoint._adapters import PathLike
 from ..checkpoint._restore import restore
+from . import _store
 from ._merge import RequantizationError, merge
 from ._weight import QuantizedWeight, dequantize
 
@@ -88,7 +91,7 @@ def merge_checkpoint(
     adapter_dir: PathLike,
     out_dir: PathLike,
     *,
-    like: Any,
+    like: Any = None,
     dtype: Any = jnp.bfloat16,
     requantize: bool = False,
     overwrite: bool = False,
@@ -101,16 +104,19 @@ def merge_checkpoint(
 
     Each quantised weight becomes ``dtype(f32(dequantize(q)) + scale * a @ b)`` (or, with
     ``requantize``, that weight quantised again with its own kind and options); float leaves merge
-    as in :func:`jlora.merge` or are copied. The output is an orbax PyTree checkpoint (of float
-    weights, or of the re-quantised tree: restore it with ``like`` as the target), assembled in a
-    scratch directory beside ``out_dir`` and renamed into place only when complete.
+    as in :func:`jlora.merge` or are copied. The output is an orbax PyTree checkpoint with its
+    ``jlora_quant.json`` (of float weights, or of the re-quantised tree: restore it with
+    :func:`jlora.quant.restore`), assembled in a scratch directory beside ``out_dir`` and renamed
+    into place only when complete.
 
     Args:
-        base_dir: an orbax PyTree checkpoint of a quantised params tree.
+        base_dir: a quantised params tree saved by :func:`jlora.quant.save` (or by orbax alone,
+            then with ``like``).
         adapter_dir: an adapter checkpoint from :func:`jlora.checkpoint.save`.
         out_dir: where to write the merged checkpoint; neither an input nor inside one.
-        like: the quantised tree the base was saved from, or its ``jax.eval_shape``; only its
-            structure and :class:`QuantizedWeight` metadata are used.
+        like: optional where the base has its ``jlora_quant.json``, which it is then checked
+            against: the quantised tree the base was saved from, or its ``jax.eval_shape``; only
+            its structure and :class:`QuantizedWeight` metadata are used.
         dtype: the float dtype of merged quantised weights.
         requantize: re-quantise the merged weights and report the error per weight.
         overwrite: replace ``out_dir`` if it exists and is a checkpoint (or empty).
@@ -126,8 +132,9 @@ def merge_checkpoint(
     Raises:
         ValueError: ``out_dir`` is, contains or lies inside an input.
         FileExistsError: ``out_dir`` exists and may not be replaced.
-        AdapterMismatchError: the checkpoint's arrays do not match ``like``, or the adapters do
-            not fit the base.
+        AdapterMismatchError: the checkpoint's arrays do not match its metadata or ``like``,
+            ``like`` disagrees with the stored metadata, or the adapters do not fit the base.
+        FileNotFoundError: no ``like`` and the base has no ``jlora_quant.json``.
         NonFiniteError: ``check_finite`` found NaN/Inf.
 
     Example:
@@ -136,12 +143,10 @@ def merge_checkpoint(
         >>> params = {"w": jax.random.normal(jax.random.key(0), (4, 64)), "b": jnp.zeros(64)}
         >>> config = jlora.LoraConfig(targets="w", rank=2)
         >>> q = jlora.quant.quantize(params, config)
-        >>> with ocp.StandardCheckpointer() as ckptr:
-        ...     ckptr.save(f"{work}/base", q)
+        >>> _ = jlora.quant.save(f"{work}/base", q)
         >>> adapters = jlora.init(jax.random.key(1), params, config)
         >>> _ = jlora.checkpoint.save(f"{work}/adapter", adapters, config)
-        >>> summary = jlora.quant.merge_checkpoint(
-        ...     f"{work}/base", f"{work}/adapter", f"{work}/out", like=q)
+        >>> summary = jlora.quant.merge_checkpoint(f"{work}/base", f"{work}/adapter", f"{work}/out")
         >>> summary.merged, summary.copied
         (1, 1)
     """
@@ -165,11 +170,13 @@ def merge_checkpoint(
         _dirs.check_replaceable(out, force)
     pytree_dir = dm._pytree_dir(base)
     disk = {leaf.path: leaf for leaf in dm._leaves(pytree_dir)}
+    like = _like(pytree_dir, disk, like, base)
     units = _units(like, disk, base)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like, is_leaf=_is_q)
     adapters, _ = restore(adapter, step=adapter_step, base=abstract, check_finite=check_finite)
     table, extras = adapter_tables(adapters)
     report: dict[str, RequantizationError] = {}
+    written_meta: dict[str, dict[str, Any]] = {}
     merged = copied = peak = 0
     handler = ocp.PyTreeCheckpointHandler()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +190,11 @@ def merge_checkpoint(
             values: dict[str, Any] = {}
             for unit in group:
                 factors = table.get(unit.path, extras.get(unit.path))
-                written, err = _merge_unit(unit, read, factors, dtype, requantize, check_finite)
+                written, err, meta = _merge_unit(
+                    unit, read, factors, dtype, requantize, check_finite
+                )
                 values.update(written)
+                written_meta.update(meta)
                 if err is not None:
                     report[unit.path] = err
                 merged += factors is not None
@@ -196,6 +206,7 @@ def merge_checkpoint(
             del read, values
         try:
             dm._finalize(target)
+            _store.write_metadata(dm._only_pytree(target), written_meta)
         except Exception as e:
             raise dm._write_failed(scratch.path, out, e) from e
         _atomic.swap(dm._only_pytree(target), out, scratch)
@@ -214,16 +225,40 @@ def merge_checkpoint(
     return (summary, report) if requantize else summary
 
 
+def _like(pytree_dir: Any, disk: dict[str, dm._Leaf], like: Any, base: Any) -> Any:
+    """The base's quantised structure: from its ``jlora_quant.json`` (checked against ``like``)."""
+    stored = _store.read_metadata(pytree_dir)
+    if stored is None:
+        if like is None:
+            raise FileNotFoundError(
+                f"base {base}: no {_store.METADATA}, so the quantisation of its arrays is not "
+                "known (orbax alone wrote it); pass like=, the quantised tree it was saved from "
+                "(or its jax.eval_shape), or save the base with jlora.quant.save"
+            )
+        return like
+    if like is not None:
+        _store.check_like(stored, like, base)
+    _store.check_arrays(stored, disk, base)
+    flat: dict[str, Any] = {}
+    owners = {f"{path}/{field}": path for path in stored for field in _FIELDS}
+    for path, leaf in disk.items():
+        if path not in owners and leaf.is_array:
+            flat[path] = jax.ShapeDtypeStruct(tuple(leaf.meta.shape), leaf.meta.dtype)
+    for path, e in stored.items():
+        flat[path] = _store.abstract_weight(e)
+    return nest(flat)
+
+
 def _merge_unit(
     unit: _Unit, read: dict[str, Any], factors: Any, dtype: Any, requantize: bool, finite: bool
-) -> tuple[dict[str, Any], RequantizationError | None]:
-    """``{disk path: value}`` to write for one weight, and its re-quantisation error."""
+) -> tuple[dict[str, Any], RequantizationError | None, dict[str, Any]]:
+    """``{disk path: value}`` to write for one weight, its re-quantisation error and metadata."""
     if _is_q(unit.like):
         value = dataclasses.replace(
             unit.like, **{p.rsplit("/", 1)[1]: jnp.asarray(read[p]) for p in unit.arrays}
         )
     elif factors is None:
-        return {unit.path: read[unit.path]}, None
+        return {unit.path: read[unit.path]}, None, {}
     else:
         value = read[unit.path]
     adapters = nest({unit.path: factors}) if factors is not None else {}
@@ -242,6 +277,5 @@ def _merge_unit(
             else np.asarray(getattr(result, f))
             for f in _FIELDS
         }
-    else:
-        written = {unit.path: np.asarray(result)}
-    return written, report.get(unit.path)
+        return written, report.get(unit.path), {unit.path: _store.entry(result)}
+    return {unit.path: np.asarray(result)}, report.get(unit.path), {}
