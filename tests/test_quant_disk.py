@@ -188,3 +188,23 @@ def test_mismatched_metadata_is_refused_with_the_path(tmp_path):
         jq.restore(saved)
     with pytest.raises(FileNotFoundError, match=r"no jlora_quant.json; this checkpoint was not"):
         jq.restore(tmp_path / "base")
+
+
+def test_adapters_saved_for_another_quantisation_are_refused(tmp_path):
+    q, adapters = _setup(tmp_path, "nf4", seed=8)
+    config = jlora.LoraConfig(targets=".*kernel", rank=4)
+    # Saved with base=q: the record holds a digest of each dequantised weight.
+    jlora.checkpoint.save(tmp_path / "trained", adapters, config, base=q)
+    jq.save(tmp_path / "nf4", q)
+    jq.merge_checkpoint(tmp_path / "nf4", tmp_path / "trained", tmp_path / "ok")  # its own base
+    int4 = jq.quantize(jq.dequantize(q), ".*kernel", kind="int4")
+    jq.save(tmp_path / "int4", int4)
+    with pytest.raises(
+        jlora.AdapterMismatchError,
+        match=r"dense/kernel: the base's dequantised int4 weight \(block size 64, "
+        r"double_quant=True\) differs from the one the adapters were saved for",
+    ):
+        jq.merge_checkpoint(tmp_path / "int4", tmp_path / "trained", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    jq.merge_checkpoint(tmp_path / "int4", tmp_path / "trained", tmp_path / "out",
+                        base_digest=False)  # fmt: skip

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .. import _atomic, _checks, _dirs
+from .. import _atomic, _checks, _digest, _dirs
 from .._errors import AdapterMismatchError
 from .._merge import adapter_tables
 from .._paths import nest, path_to_str
+from ..checkpoint import _base
 from ..checkpoint import _disk_merge as dm
-from ..checkpoint._adapters import PathLike
+from ..checkpoint._adapters import PathLike, saved_record
 from ..checkpoint._restore import restore
 from . import _store
 from ._merge import RequantizationError, merge
@@ -99,6 +100,7 @@ def merge_checkpoint(
     adapter_step: int | None = None,
     group_bytes: int = dm.DEFAULT_GROUP_BYTES,
     check_finite: bool = True,
+    base_digest: bool = True,
 ) -> Any:
     """Folds an adapter checkpoint into a quantised base checkpoint on disk (see the module doc).
 
@@ -124,6 +126,10 @@ def merge_checkpoint(
         adapter_step: the step of the adapter checkpoint to use (the latest if None).
         group_bytes: the most bytes of base arrays read and written together (at least a weight).
         check_finite: refuse NaN/Inf in the adapters or new NaN/Inf in the merged weights.
+        base_digest: where the adapters were saved with ``base=qparams`` (their
+            :func:`jlora.checkpoint.save` records a digest of each dequantised weight), refuse a
+            base whose dequantised weights differ: adapters trained over another quantisation
+            (kind, block size, double quantisation) or another model.
 
     Returns:
         A :class:`jlora.checkpoint.MergeSummary`; with ``requantize``, ``(summary, {path:
@@ -175,6 +181,8 @@ def merge_checkpoint(
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like, is_leaf=_is_q)
     adapters, _ = restore(adapter, step=adapter_step, base=abstract, check_finite=check_finite)
     table, extras = adapter_tables(adapters)
+    _checks.flag(base_digest, "base_digest")
+    digests = saved_record(adapter, adapter_step).base_digests if base_digest else None
     report: dict[str, RequantizationError] = {}
     written_meta: dict[str, dict[str, Any]] = {}
     merged = copied = peak = 0
@@ -190,6 +198,8 @@ def merge_checkpoint(
             values: dict[str, Any] = {}
             for unit in group:
                 factors = table.get(unit.path, extras.get(unit.path))
+                if digests and unit.path in digests:
+                    _check_digest(unit, read, digests[unit.path])
                 written, err, meta = _merge_unit(
                     unit, read, factors, dtype, requantize, check_finite
                 )
@@ -247,6 +257,25 @@ def _like(pytree_dir: Any, disk: dict[str, dm._Leaf], like: Any, base: Any) -> A
     for path, e in stored.items():
         flat[path] = _store.abstract_weight(e)
     return nest(flat)
+
+
+def _check_digest(unit: _Unit, read: dict[str, Any], digest: str) -> None:
+    """Refuses a weight whose (dequantised) value is not the one the adapters were saved for."""
+    if not _is_q(unit.like):
+        if _digest.array_digest(read[unit.path]) != digest:
+            raise _base.content_mismatch(unit.path)
+        return
+    q = dataclasses.replace(
+        unit.like, **{p.rsplit("/", 1)[1]: jnp.asarray(read[p]) for p in unit.arrays}
+    )
+    if _digest.array_digest(np.asarray(dequantize(q))) != digest:
+        raise AdapterMismatchError(
+            f"{unit.path}: the base's dequantised {q.kind} weight (block size {q.block_size}, "
+            f"double_quant={q.double_quant}) differs from the one the adapters were saved for "
+            "(its content digest): were they trained over another quantisation of this weight "
+            "(kind, block size, double quantisation) or another model? Merge onto the base they "
+            "were trained on, or pass base_digest=False to check shapes only"
+        )
 
 
 def _merge_unit(
