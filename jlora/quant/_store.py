@@ -237,6 +237,13 @@ def restore(directory: PathLike, *, like: Any = None) -> Any:
             alone: restore it with orbax and a target).
         AdapterMismatchError: ``like`` disagrees with the stored metadata, or the arrays on disk
             with what the metadata implies (the error names the path).
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jlora.quant
+        >>> q = jlora.quant.quantize({"w": jnp.ones((4, 64))}, "w", kind="int8")
+        >>> path = jlora.quant.save(f"{tempfile.mkdtemp()}/q", q)
+        >>> jlora.quant.restore(path, like=q)["w"].axes  # like: an optional cross-check
+        (-2,)
     """
     from ..checkpoint import _disk_merge as dm
 
