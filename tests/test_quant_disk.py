@@ -127,7 +127,8 @@ def test_overflowing_merge_is_refused_before_anything_is_written(tmp_path):
     ("kind", "double_quant", "dtype"),
     [("nf4", True, jnp.bfloat16), ("int4", False, jnp.float32), ("int8", False, jnp.float32)],
 )
-def test_save_restore_round_trip_is_bit_exact_and_needs_no_like(tmp_path, kind, double_quant, dtype):
+def test_save_restore_round_trip_is_bit_exact_and_needs_no_like(tmp_path, kind, double_quant,
+                                                                 dtype):  # fmt: skip
     rng = np.random.default_rng(5)
     params = {
         "layers": {"kernel": jnp.asarray(rng.standard_normal((3, 64, 128)) * 0.1, dtype)},
@@ -163,8 +164,9 @@ def test_mismatched_metadata_is_refused_with_the_path(tmp_path):
     q, _ = _setup(tmp_path, "nf4", seed=7)
     saved = jq.save(tmp_path / "saved", q)
     int4 = jq.quantize(jq.dequantize(q), ".*kernel", kind="int4")
+    adapter, out = tmp_path / "adapter", tmp_path / "o"
     for call in (lambda: jq.restore(saved, like=int4),
-                 lambda: jq.merge_checkpoint(saved, tmp_path / "adapter", tmp_path / "o", like=int4)):  # fmt: skip
+                 lambda: jq.merge_checkpoint(saved, adapter, out, like=int4)):  # fmt: skip
         with pytest.raises(
             jlora.AdapterMismatchError,
             match=r"dense/kernel: the checkpoint .* stores kind='nf4' but like has kind='int4'",

@@ -93,14 +93,13 @@ def test_adapted_quantised_layer_equals_the_dequantised_layer(name, kind):
         assert f"f32[{','.join(map(str, q.shape))}]" not in hlo
     # merge: the dequantised base plus the delta.
     merged = jq.merge(qparams, adapters, dtype=jnp.float32)
-    for got_w, want_w in zip(jax.tree.leaves(merged),
-                             jax.tree.leaves(jlora.merge(jq.dequantize(qparams, jnp.float32), adapters)),
-                             strict=True):  # fmt: skip
+    float_merged = jlora.merge(jq.dequantize(qparams, jnp.float32), adapters)
+    for got_w, want_w in zip(jax.tree.leaves(merged), jax.tree.leaves(float_merged), strict=True):
         np.testing.assert_array_equal(got_w, want_w)
 
 
 def test_embedding_lookup_gathers_exactly_the_dequantised_rows():
-    q = jq.quantize({"e": _normal((300, 128), 0)}, "e", kind="nf4")["e"]  # 600 constants: 3 DQ blocks
+    q = jq.quantize({"e": _normal((300, 128), 0)}, "e", kind="nf4")["e"]  # 3 blocks of constants
     ids = jnp.array([[0, 299, 150], [7, 7, 2]])
     lookup = jq._gather.lookup
     np.testing.assert_array_equal(lookup(q, ids, jnp.float32), jq.dequantize(q)[ids])

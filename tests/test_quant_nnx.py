@@ -77,14 +77,14 @@ def test_quantize_nnx_refuses_other_layers():
 
     with pytest.raises(
         jlora.TargetError,
-        match=r"w: jlora.quant.quantize_nnx quantises the weights of nnx.Linear, nnx.LinearGeneral, "
-        r"nnx.Einsum, nnx.Conv and nnx.Embed only",
+        match=r"w: jlora.quant.quantize_nnx quantises the weights of nnx.Linear, "
+        r"nnx.LinearGeneral, nnx.Einsum, nnx.Conv and nnx.Embed only",
     ):
         jq.quantize_nnx(Own(nnx.Rngs(0)), "w", kind="int8")
 
 
 class Layers(nnx.Module):
-    """An embedding (lookup and tied head), a conv and a Gemma-style einsum, each split in blocks."""
+    """An embedding (lookup and tied head), a conv and a Gemma-style einsum, split in blocks."""
 
     def __init__(self, rngs):
         self.embed = nnx.Embed(256, 128, rngs=rngs)
@@ -122,7 +122,8 @@ def test_embed_conv_einsum_over_quantised_weights_equal_the_dequantised(kind):
     for model in (quantized, dense):
         for name in ("embed", "conv", "query"):
             b = getattr(model, name).lora_b
-            b.set_value(jnp.asarray(np.random.default_rng(2).standard_normal(b.shape) * 0.1, b.dtype))
+            noise = np.random.default_rng(2).standard_normal(b.shape) * 0.1
+            b.set_value(jnp.asarray(noise, b.dtype))
     got, want = nnx.jit(lambda m: m(ids))(quantized), nnx.jit(lambda m: m(ids))(dense)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 

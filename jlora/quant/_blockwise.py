@@ -1,4 +1,4 @@
-"""`blockwise`: a layer's base output over a quantised kernel, one block of one kernel axis at a time.
+"""`blockwise`: a layer's base output over a quantised kernel, a block of one kernel axis at a time.
 
 :func:`jlora.quant.quantized_matmul` is the Dense case. Every other layer jlora adapts (an einsum
 in any axis order, a convolution, an embedding's ``attend``) is also linear in its input and in

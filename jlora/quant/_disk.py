@@ -299,7 +299,7 @@ def _merge_unit(
         check = dequantize(result, jnp.float32) if _is_q(result) else result
         dm._check_merged(unit.path, np.asarray(check), np.asarray(base))
     if _is_q(result):
-        # None fields too: StandardCheckpointer records them, and restoring into ``like`` needs them.
+        # None fields too: StandardCheckpointer records them; restoring into ``like`` needs them.
         written = {
             f"{unit.path}/{f}": None
             if getattr(result, f) is None

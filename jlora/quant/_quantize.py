@@ -3,8 +3,12 @@
 Block layout. 4-bit kinds block ``block_size`` consecutive values of the weight's last axis (the
 row-major blocks of bitsandbytes, for last axes divisible by the block size), so codes and absmax
 constants keep every leading axis of the weight and its last axis divided by 2 and by
-``block_size``. A weight sharded with a ``NamedSharding`` keeps its ``PartitionSpec`` on the codes
-and scales when each shard of the last axis holds whole blocks; otherwise they are replicated.
+``block_size``; a multi-axis kernel (a conv's ``(*window, c_in, c_out)``, an einsum's in any
+order) blocks its own last axis, whatever its role. With double quantisation the absmax constants
+of each slice of the leading stack axes (the layout's leading ``s``: ``nn.scan`` / ``nnx.vmap``
+stacks) are blocked on their own, so a stack slice is a valid :class:`QuantizedWeight`. A weight
+sharded with a ``NamedSharding`` keeps its ``PartitionSpec`` on the codes and scales when each
+shard of the last axis holds whole blocks; otherwise they are replicated.
 int8 keeps the weight's shape and sharding; its scales (one per output channel) are replicated.
 """
 

@@ -130,11 +130,13 @@ def write_metadata(pytree_dir: Any, weights: dict[str, dict[str, Any]]) -> None:
 
 
 def check_like(stored: dict[str, dict[str, Any]], like: Any, where: Any) -> None:
-    """Refuses a ``like`` whose quantised weights differ from the stored metadata (names the path)."""
+    """Refuses a ``like`` whose quantised weights differ from the stored metadata (by path)."""
     given = describe(like)
     for path in sorted(set(stored) | set(given)):
         if path not in given or path not in stored:
-            has, lacks = ("the checkpoint", "like") if path in stored else ("like", "the checkpoint")
+            has, lacks = ("the checkpoint", "like")
+            if path not in stored:
+                has, lacks = lacks, has
             raise AdapterMismatchError(
                 f"{path}: {has} holds a quantised weight here but {lacks} does not "
                 f"(checkpoint {where}); pass the quantised tree this checkpoint was saved from, "
@@ -245,9 +247,9 @@ def restore(directory: PathLike, *, like: Any = None) -> Any:
         >>> jlora.quant.restore(path, like=q)["w"].axes  # like: an optional cross-check
         (-2,)
     """
-    from ..checkpoint import _disk_merge as dm
-
     import orbax.checkpoint as ocp
+
+    from ..checkpoint import _disk_merge as dm
 
     base = _dirs.absolute(_checks.path(directory, "directory"))
     pytree_dir = dm._pytree_dir(base)
