@@ -43,8 +43,12 @@ def _stand_in(q: QuantizedWeight) -> Any:
     return jnp.zeros((0,) * q.ndim, q.dtype)
 
 
-def _linen_block(module: Any, param: str, method: str = "__call__", *args: Any, **fields: Any):
-    """``(x, w) -> output``: a copy of the Linen layer run on a kernel block (no bias)."""
+def _linen_block(module: Any, param: str, method: Any, *args: Any, **fields: Any):
+    """``(x, w) -> output``: a copy of the Linen layer run on a kernel block (no bias).
+
+    ``method`` is the layer kind's own method (``nn.Conv.__call__``), not a subclass's override,
+    which runs around this call as it would around the unsplit one.
+    """
     clone = module.clone(parent=None, **fields)
 
     def fn(x, w):
@@ -95,6 +99,7 @@ def _bias_last(y: Any, bias: Any) -> Any:
 
 def _linen_other(kind_name: str, module: Any, args: tuple, kwargs: dict) -> Any:
     """nn.Einsum, nn.Conv and nn.Embed over a quantised weight, or None."""
+    import flax.linen as nn
     param = "embedding" if kind_name == "nn.Embed" else "kernel"
     q = module.get_variable("params", param)
     x = _arg(args, kwargs, "query" if "query" in kwargs else "inputs")
@@ -108,14 +113,14 @@ def _linen_other(kind_name: str, module: Any, args: tuple, kwargs: dict) -> Any:
             (stand,) = module.promote_dtype(_stand_in(q), dtype=module.dtype, inexact=False)
             return lookup(q, x, stand.dtype)
         x, stand = module.promote_dtype(x, _stand_in(q), dtype=module.dtype)
-        fn = _linen_block(module, param, "attend", num_embeddings=block_rows(q.shape[0]))
+        fn = _linen_block(module, param, nn.Embed.attend, num_embeddings=block_rows(q.shape[0]))
         return blockwise(fn, x, q, axis=0, x_axis=None, y_axis=-1, dtype=stand.dtype)
     bias = unbox(module.get_variable("params", "bias")) if module.use_bias else None
     if kind_name == "nn.Conv":
         if module.feature_group_count != 1 or module.mask is not None or len(args) != 1:
             return None
         x, stand, bias = module.promote_dtype(x, _stand_in(q), bias, dtype=module.dtype)
-        fn = _linen_block(module, param, use_bias=False)
+        fn = _linen_block(module, param, nn.Conv.__call__, use_bias=False)
         y = blockwise(fn, x, q, **_conv_axes(q), dtype=stand.dtype)
         return _bias_last(y, bias)
     # nn.Einsum
@@ -127,7 +132,7 @@ def _linen_other(kind_name: str, module: Any, args: tuple, kwargs: dict) -> Any:
     axis, x_axis, y_axis = _einsum_axes(eq, q)
     block = tuple(block_rows(s) if k == axis else s for k, s in enumerate(q.shape))
     call = (text,) if module.einsum_str is None else ()
-    fn = _linen_block(module, param, "__call__", *call, shape=block, use_bias=False)
+    fn = _linen_block(module, param, nn.Einsum.__call__, *call, shape=block, use_bias=False)
     y = blockwise(fn, x, q, axis=axis, x_axis=x_axis, y_axis=y_axis, dtype=stand.dtype)
     return y if bias is None else _einsum_bias(eq, q, y, bias)
 
