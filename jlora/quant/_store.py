@@ -174,9 +174,9 @@ def save(directory: PathLike, qparams: Any) -> Any:
 
     The arrays are written by orbax; each :class:`QuantizedWeight`'s kind, shape, dtype, block
     size, double quantisation, stack axes and int8 axes go to ``jlora_quant.json`` in the same
-    directory, so :func:`restore` and :func:`jlora.quant.merge_checkpoint` need no ``like``.
-    Everything is written into a scratch directory beside ``directory`` and renamed into place
-    when complete; an existing ``directory`` is never replaced.
+    directory, so :func:`jlora.quant.restore` and :func:`jlora.quant.merge_checkpoint` need no
+    ``like``. Everything is written into a scratch directory beside ``directory`` and renamed into
+    place when complete; an existing ``directory`` is never replaced.
 
     Args:
         directory: where to write; must not exist.
@@ -222,7 +222,7 @@ def save(directory: PathLike, qparams: Any) -> Any:
 
 
 def restore(directory: PathLike, *, like: Any = None) -> Any:
-    """Restores a quantised params tree saved by :func:`save`, bit for bit.
+    """Restores a quantised params tree saved by :func:`jlora.quant.save`, bit for bit.
 
     Args:
         directory: the checkpoint (or a merged one from :func:`jlora.quant.merge_checkpoint` with
