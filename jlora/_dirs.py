@@ -36,6 +36,7 @@ _ORBAX_NAMES = frozenset(
         "array_metadatas",
         "descriptor",
         "commit_success.txt",
+        "jlora_quant.json",  # jlora.quant.save writes it beside orbax's files
     }
 )
 

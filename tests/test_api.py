@@ -121,6 +121,8 @@ SUBMODULES = {
         "quantize_nnx",
         "quantized_matmul",
         "remat",
+        "restore",
+        "save",
     ],
     "variants": [
         "AdaloraFactors",

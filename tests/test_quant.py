@@ -65,7 +65,7 @@ def test_int8_round_trip_within_absmax_over_254_per_channel():
     err = np.abs(np.asarray(jq.dequantize(q), np.float64) - np.asarray(w, np.float64))
     absmax = np.abs(np.asarray(w, np.float64)).max(0)
     assert (err <= absmax / 254 * (1 + 1e-6)).all()
-    assert q.codes.dtype == jnp.int8 and q.scales.shape == (1, 40) and q.axes == (0,)
+    assert q.codes.dtype == jnp.int8 and q.scales.shape == (1, 40) and q.axes == (-2,)
 
 
 def test_packing_puts_the_even_element_in_the_high_nibble():
@@ -108,7 +108,7 @@ def test_untargeted_leaves_are_the_same_objects_and_config_layouts_pick_int8_axe
     config = jlora.LoraConfig(targets="stack", rank=1, layouts={"stack": "sio"})
     q = jq.quantize(params, config, kind="int8")
     assert q["bias"] is params["bias"]
-    assert q["stack"].axes == (1,) and q["stack"].scales.shape == (3, 1, 8)
+    assert q["stack"].axes == (-2,) and q["stack"].reduced_axes == (1,) and q["stack"].scales.shape == (3, 1, 8)
 
 
 def test_sharded_weight_keeps_its_spec_on_codes_and_scales():

@@ -121,3 +121,92 @@ def test_overflowing_merge_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(NonFiniteError, match=r"dense/kernel: merging gives \d+ NaN"):
         jq.merge_checkpoint(tmp_path / "base", tmp_path / "huge", tmp_path / "out", like=q)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "huge"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "double_quant", "dtype"),
+    [("nf4", True, jnp.bfloat16), ("int4", False, jnp.float32), ("int8", False, jnp.float32)],
+)
+def test_save_restore_round_trip_is_bit_exact_and_needs_no_like(tmp_path, kind, double_quant,
+                                                                 dtype):  # fmt: skip
+    rng = np.random.default_rng(5)
+    params = {
+        "layers": {"kernel": jnp.asarray(rng.standard_normal((3, 64, 128)) * 0.1, dtype)},
+        "head": {"kernel": jnp.asarray(rng.standard_normal((64, 64)), dtype),
+                 "bias": jnp.asarray(rng.standard_normal(64), dtype)},
+    }  # fmt: skip
+    config = jlora.LoraConfig(targets=".*kernel", rank=2, layouts={"layers/kernel": "sio"})
+    q = jq.quantize(params, config, kind=kind, double_quant=double_quant)
+    out = jq.save(tmp_path / "q", q)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no scratch left behind
+    for like in (None, q, jax.eval_shape(lambda: q)):
+        got = jq.restore(out, like=like)
+        _assert_same(got, q)  # same tree, metadata (static: in the treedef), dtypes and bits
+    assert got["layers"]["kernel"].stack_ndim == (1 if double_quant else 0)
+    with pytest.raises(FileExistsError, match=r"already exists; jlora.quant.save never replaces"):
+        jq.save(out, q)
+
+
+def test_merge_checkpoint_reads_the_stored_metadata(tmp_path):
+    q, adapters = _setup(tmp_path, "nf4", seed=6)
+    jq.save(tmp_path / "saved", q)
+    summary, report = jq.merge_checkpoint(
+        tmp_path / "saved", tmp_path / "adapter", tmp_path / "out", requantize=True
+    )
+    want, want_report = jq.merge(q, adapters, dtype=jnp.bfloat16, requantize=True)
+    assert report == want_report
+    _assert_same(jq.restore(summary.out), want)  # the re-quantised output has its metadata too
+    with pytest.raises(FileNotFoundError, match=r"no jlora_quant.json, so the quantisation"):
+        jq.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "o2")
+
+
+def test_mismatched_metadata_is_refused_with_the_path(tmp_path):
+    q, _ = _setup(tmp_path, "nf4", seed=7)
+    saved = jq.save(tmp_path / "saved", q)
+    int4 = jq.quantize(jq.dequantize(q), ".*kernel", kind="int4")
+    adapter, out = tmp_path / "adapter", tmp_path / "o"
+    for call in (lambda: jq.restore(saved, like=int4),
+                 lambda: jq.merge_checkpoint(saved, adapter, out, like=int4)):  # fmt: skip
+        with pytest.raises(
+            jlora.AdapterMismatchError,
+            match=r"dense/kernel: the checkpoint .* stores kind='nf4' but like has kind='int4'",
+        ):
+            call()
+    plain = {"dense": {"kernel": jq.dequantize(q["dense"]["kernel"]), "bias": q["dense"]["bias"]},
+             "out": q["out"]}  # fmt: skip
+    with pytest.raises(
+        jlora.AdapterMismatchError,
+        match=r"dense/kernel: the checkpoint holds a quantised weight here but like does not",
+    ):
+        jq.restore(saved, like=plain)
+    # A metadata file that does not belong to the arrays (edited: another block size).
+    meta = saved / "jlora_quant.json"
+    meta.write_text(meta.read_text().replace('"block_size": 64', '"block_size": 32'))
+    with pytest.raises(
+        jlora.AdapterMismatchError,
+        match=r"dense/kernel/scales: the checkpoint .* has shape \(64, 1\) and dtype int8 but its "
+        r"metadata \(jlora_quant.json: nf4, shape \(64, 64\), block size 32",
+    ):
+        jq.restore(saved)
+    with pytest.raises(FileNotFoundError, match=r"no jlora_quant.json; this checkpoint was not"):
+        jq.restore(tmp_path / "base")
+
+
+def test_adapters_saved_for_another_quantisation_are_refused(tmp_path):
+    q, adapters = _setup(tmp_path, "nf4", seed=8)
+    config = jlora.LoraConfig(targets=".*kernel", rank=4)
+    # Saved with base=q: the record holds a digest of each dequantised weight.
+    jlora.checkpoint.save(tmp_path / "trained", adapters, config, base=q)
+    jq.save(tmp_path / "nf4", q)
+    jq.merge_checkpoint(tmp_path / "nf4", tmp_path / "trained", tmp_path / "ok")  # its own base
+    int4 = jq.quantize(jq.dequantize(q), ".*kernel", kind="int4")
+    jq.save(tmp_path / "int4", int4)
+    with pytest.raises(
+        jlora.AdapterMismatchError,
+        match=r"dense/kernel: the base's dequantised int4 weight \(block size 64, "
+        r"double_quant=True\) differs from the one the adapters were saved for",
+    ):
+        jq.merge_checkpoint(tmp_path / "int4", tmp_path / "trained", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    jq.merge_checkpoint(tmp_path / "int4", tmp_path / "trained", tmp_path / "out",
+                        base_digest=False)  # fmt: skip

@@ -71,11 +71,102 @@ def test_adapted_quantised_model_equals_the_dequantised_model_and_trains(kind):
 
 
 def test_quantize_nnx_refuses_other_layers():
-    class Lookup(nnx.Module):
+    class Own(nnx.Module):
         def __init__(self, rngs):
-            self.embed = nnx.Embed(16, 64, rngs=rngs)
+            self.w = nnx.Param(jnp.ones((16, 64)))
 
     with pytest.raises(
-        jlora.TargetError, match=r"embed/embedding: jlora.quant.quantize_nnx quantises nnx.Linear"
+        jlora.TargetError,
+        match=r"w: jlora.quant.quantize_nnx quantises the weights of nnx.Linear, "
+        r"nnx.LinearGeneral, nnx.Einsum, nnx.Conv and nnx.Embed only",
     ):
-        jq.quantize_nnx(Lookup(nnx.Rngs(0)), ".*embedding", kind="int8")
+        jq.quantize_nnx(Own(nnx.Rngs(0)), "w", kind="int8")
+
+
+class Layers(nnx.Module):
+    """An embedding (lookup and tied head), a conv and a Gemma-style einsum, split in blocks."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(256, 128, rngs=rngs)
+        self.conv = nnx.Conv(128, 128, (3,), rngs=rngs)
+        self.query = nnx.Einsum("BTD,NDH->BTNH", (2, 128, 64), (2, 64), rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.query(self.conv(self.embed(ids)))
+        return self.embed.attend(jnp.tanh(h.reshape(*h.shape[:2], 128)))
+
+
+def _float_shapes(hlo, model):
+    weights = [v for v in jax.tree.leaves(nnx.state(model, nnx.Param),
+                                          is_leaf=lambda v: isinstance(v, jq.QuantizedWeight))
+               if isinstance(v, jq.QuantizedWeight)]  # fmt: skip
+    assert len(weights) == 3
+    return [f"f32[{','.join(map(str, w.shape))}]" in hlo for w in weights]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_embed_conv_einsum_over_quantised_weights_equal_the_dequantised(kind):
+    config = jlora.LoraConfig(targets=[".*kernel", ".*embedding"], rank=3)
+    quantized = jq.quantize_nnx(Layers(nnx.Rngs(0)), config, kind=kind)  # layouts from the layers
+    dense = Layers(nnx.Rngs(0))
+    for name, weight in [("embed", "embedding"), ("conv", "kernel"), ("query", "kernel")]:
+        q = getattr(getattr(quantized, name), weight).get_value()
+        assert isinstance(q, jq.QuantizedWeight)
+        getattr(getattr(dense, name), weight).set_value(jq.dequantize(q))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)))
+    base = nnx.jit(lambda m: m(ids))(dense)
+    for model in (quantized, dense):
+        jlora.nnx.lora(model, config, rngs=nnx.Rngs(1))
+    # b = 0: the adapted quantised model is the dequantised base, to round-off.
+    np.testing.assert_allclose(nnx.jit(lambda m: m(ids))(quantized), base, rtol=1e-5, atol=1e-5)
+    for model in (quantized, dense):
+        for name in ("embed", "conv", "query"):
+            b = getattr(model, name).lora_b
+            noise = np.random.default_rng(2).standard_normal(b.shape) * 0.1
+            b.set_value(jnp.asarray(noise, b.dtype))
+    got, want = nnx.jit(lambda m: m(ids))(quantized), nnx.jit(lambda m: m(ids))(dense)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+    def loss(model):
+        return jnp.sum(model(ids) ** 2)
+
+    diff = nnx.DiffState(0, jlora.nnx.LoraParam)
+    grad = nnx.jit(nnx.grad(loss, argnums=diff))
+    for g, w in zip(jax.tree.leaves(grad(quantized)), jax.tree.leaves(grad(dense)), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
+    graphdef, state = nnx.split(quantized)
+
+    def pure(state):
+        return loss(nnx.merge(graphdef, state))
+
+    hlo = jax.jit(jax.grad(pure, allow_int=True)).lower(state).compile().as_text()
+    assert not any(_float_shapes(hlo, quantized))  # no whole float weight in the step
+
+
+class Stack(nnx.Module):
+    """Three Linear layers stacked by nnx.vmap and run by nnx.scan."""
+
+    def __init__(self, rngs):
+        self.layers = nnx.split_rngs(splits=3)(
+            nnx.vmap(lambda r: nnx.Linear(128, 128, rngs=r), in_axes=0, out_axes=0)
+        )(rngs)
+
+    def __call__(self, x):
+        return nnx.scan(lambda x, layer: jnp.tanh(layer(x)), in_axes=(nnx.Carry, 0),
+                        out_axes=nnx.Carry)(x, self.layers)  # fmt: skip
+
+
+def test_vmap_stacked_weights_scan_slice_by_slice():
+    config = jlora.LoraConfig(targets=".*kernel", rank=2)
+    quantized = jq.quantize_nnx(Stack(nnx.Rngs(0)), config)
+    q = quantized.layers.kernel.get_value()
+    assert q.shape == (3, 128, 128) and q.stack_ndim == 1  # double quantised per layer
+    dense = Stack(nnx.Rngs(0))
+    dense.layers.kernel.set_value(jq.dequantize(q))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 128)), jnp.float32)
+    for model in (quantized, dense):
+        jlora.nnx.lora(model, config, rngs=nnx.Rngs(1))
+        b = model.layers.lora_b
+        b.set_value(jnp.asarray(np.random.default_rng(2).standard_normal(b.shape) * 0.1, b.dtype))
+    np.testing.assert_allclose(nnx.jit(lambda m: m(x))(quantized), nnx.jit(lambda m: m(x))(dense),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip

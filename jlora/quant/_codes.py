@@ -100,13 +100,27 @@ def int8_dequantize(codes: jax.Array, scale: jax.Array) -> jax.Array:
     return codes.astype(jnp.float32) * scale
 
 
-def double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _per_slice(fn, n_stack: int):
+    for _ in range(n_stack):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def double_quantize(
+    absmax: jax.Array, n_stack: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The paper's double quantisation of the absmax constants, to 8 bits in blocks of 256.
 
     Returns ``(codes int8 like absmax, scales float32 (ceil(n / 256),), offset float32 ())``:
     the mean is subtracted (the constants are positive, so this centres them for the symmetric
-    code), then each block of 256 stores ``round(127 (c - mean) / absmax_block)``.
+    code), then each block of 256 stores ``round(127 (c - mean) / absmax_block)``. With
+    ``n_stack`` leading stack axes each slice is double-quantised on its own (scales
+    ``(*stack, blocks)``, offset ``(*stack,)``), so no block straddles two slices.
     """
+    return _per_slice(_double_quantize, n_stack)(absmax)
+
+
+def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     offset = jnp.mean(absmax)
     flat = (absmax - offset).reshape(-1)
     pad = (-flat.shape[0]) % DQ_BLOCK
@@ -117,8 +131,14 @@ def double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
     return codes.reshape(-1)[: flat.shape[0]].reshape(absmax.shape), scale, offset
 
 
-def double_dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    """float32 absmax constants from :func:`double_quantize`'s output."""
+def double_dequantize(
+    codes: jax.Array, scale: jax.Array, offset: jax.Array, n_stack: int = 0
+) -> jax.Array:
+    """float32 absmax constants from :func:`double_quantize`'s output (same ``n_stack``)."""
+    return _per_slice(_double_dequantize, n_stack)(codes, scale, offset)
+
+
+def _double_dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
     flat = codes.reshape(-1).astype(jnp.float32)
     pad = (-flat.shape[0]) % DQ_BLOCK
     blocks = jnp.pad(flat, (0, pad)).reshape(-1, DQ_BLOCK) * scale[:, None]

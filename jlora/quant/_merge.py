@@ -54,6 +54,13 @@ def _is_q(x: Any) -> bool:
     return isinstance(x, QuantizedWeight)
 
 
+def _roles(q: QuantizedWeight) -> str:
+    """Role letters that quantise a weight as ``q`` was: its stack axes and int8's fan-in."""
+    if q.kind == "int8":
+        return "".join("i" if k in q.reduced_axes else "o" for k in range(q.ndim))
+    return "s" * q.stack_ndim + "i" * (q.ndim - 1 - q.stack_ndim) + "o"
+
+
 def merge(
     qparams: Any, adapters: Any, *, dtype: Any = jnp.bfloat16, requantize: bool = False
 ) -> Any:
@@ -119,7 +126,7 @@ def merge(
             kind=w.kind,
             block_size=w.block_size or 64,
             double_quant=w.double_quant,
-            layout_roles="".join("i" if k in w.axes else "o" for k in range(w.ndim)),
+            layout_roles=_roles(w),
         )
         report[key] = _error(dequantize(out, jnp.float32), merged)
         return out

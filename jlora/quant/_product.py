@@ -46,7 +46,7 @@ def fits(q: Any, n_in: int) -> bool:
     """Whether ``q`` is a weight whose first ``n_in`` axes are its fan-in (a matrix view)."""
     if not isinstance(q, QuantizedWeight) or not 0 < n_in < q.ndim:
         return False
-    return q.kind != "int8" or q.axes == tuple(range(n_in))
+    return q.kind != "int8" or q.reduced_axes == tuple(range(n_in))
 
 
 def _matrix(q: QuantizedWeight, n_in: int) -> tuple[jax.Array, jax.Array]:

@@ -3,8 +3,12 @@
 Block layout. 4-bit kinds block ``block_size`` consecutive values of the weight's last axis (the
 row-major blocks of bitsandbytes, for last axes divisible by the block size), so codes and absmax
 constants keep every leading axis of the weight and its last axis divided by 2 and by
-``block_size``. A weight sharded with a ``NamedSharding`` keeps its ``PartitionSpec`` on the codes
-and scales when each shard of the last axis holds whole blocks; otherwise they are replicated.
+``block_size``; a multi-axis kernel (a conv's ``(*window, c_in, c_out)``, an einsum's in any
+order) blocks its own last axis, whatever its role. With double quantisation the absmax constants
+of each slice of the leading stack axes (the layout's leading ``s``: ``nn.scan`` / ``nnx.vmap``
+stacks) are blocked on their own, so a stack slice is a valid :class:`QuantizedWeight`. A weight
+sharded with a ``NamedSharding`` keeps its ``PartitionSpec`` on the codes and scales when each
+shard of the last axis holds whole blocks; otherwise they are replicated.
 int8 keeps the weight's shape and sharding; its scales (one per output channel) are replicated.
 """
 
@@ -35,14 +39,14 @@ def _config(config_or_targets: LoraConfig | str | Sequence[str]) -> LoraConfig:
     return LoraConfig(targets=tuple(config_or_targets), rank=1)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _four_bit(w, kind: str, block_size: int, double_quant: bool):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _four_bit(w, kind: str, block_size: int, double_quant: bool, n_stack: int):
     absmax = _codes.block_absmax(w, block_size)
     if not double_quant:
         return _codes.encode(w, absmax, kind, block_size), absmax, None, None
-    scales, scale_scales, offset = _codes.double_quantize(absmax)
+    scales, scale_scales, offset = _codes.double_quantize(absmax, n_stack)
     # Codes are chosen for the absmax that dequantisation will use, not the exact one.
-    used = _codes.double_dequantize(scales, scale_scales, offset)
+    used = _codes.double_dequantize(scales, scale_scales, offset, n_stack)
     return _codes.encode(w, used, kind, block_size), scales, scale_scales, offset
 
 
@@ -109,18 +113,21 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """One weight as a :class:`QuantizedWeight` (see :func:`quantize` for the arguments).
 
-    ``layout_roles`` is one role letter per axis (``"io"``); int8 reduces over the ``i`` axes
-    (all but the last when None).
+    ``layout_roles`` is one role letter per axis (``"io"``); int8 reduces over the ``i`` (and
+    ``v``) axes (all but the last when None); the leading ``s`` axes are stack axes, whose slices
+    get their own double-quantisation constants.
     """
     shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
+    roles = layout_roles or "i" * (len(shape) - 1) + "o"
     if kind == "int8":
-        roles = layout_roles or "i" * (len(shape) - 1) + "o"
         axes = tuple(k for k, role in enumerate(roles) if role in "iv")
         codes, scales = _eight_bit(w, axes)
-        q = QuantizedWeight(codes, scales, None, None, "int8", shape, dtype, 0, axes)
+        from_end = tuple(k - len(shape) for k in axes)
+        q = QuantizedWeight(codes, scales, None, None, "int8", dtype, 0, from_end)
     else:
-        codes, scales, s2, offset = _four_bit(w, kind, block_size, double_quant)
-        q = QuantizedWeight(codes, scales, s2, offset, kind, shape, dtype, block_size)
+        n_stack = len(roles) - len(roles.lstrip("s"))
+        codes, scales, s2, offset = _four_bit(w, kind, block_size, double_quant, n_stack)
+        q = QuantizedWeight(codes, scales, s2, offset, kind, dtype, block_size)
     place = _shardings(w, q)
     if place is None:
         return q
@@ -133,7 +140,7 @@ def quantize_weight(
 
 
 def _meta(q: QuantizedWeight) -> dict[str, Any]:
-    return {f: getattr(q, f) for f in ("kind", "shape", "dtype", "block_size", "axes")}
+    return {f: getattr(q, f) for f in ("kind", "dtype", "block_size", "axes")}
 
 
 def quantize(

@@ -1,8 +1,15 @@
 """`QuantizedWeight`: a frozen weight stored in 4 or 8 bits, a pytree node that dequantises itself.
 
 Only arrays are leaves (``codes``, ``scales`` and, with double quantisation, ``scale_scales`` and
-``scale_offset``); the kind, shape, dtype, block size and int8's reduced axes are static metadata,
-so ``jax.jit`` compiles once per quantised model and orbax saves the arrays as they are.
+``scale_offset``); the kind, dtype, block size and int8's reduced axes are static metadata, so
+``jax.jit`` compiles once per quantised model and orbax saves the arrays as they are.
+
+Stacked weights. The weight's shape is read from its codes, int8's reduced axes are counted from
+the end, and the double-quantisation constants of a weight with leading stack axes (``nn.scan``,
+``nnx.vmap``) are kept per stack slice (``scale_scales (*stack, blocks)``, ``scale_offset
+(*stack,)``). So slicing every array of a :class:`QuantizedWeight` along a leading stack axis, as
+``jax.lax.scan`` does, gives the :class:`QuantizedWeight` of that slice, bit for bit the one
+quantising the slice alone would give: no block straddles two slices.
 
 Inside Flax the node is a ``flax.core.meta.AxisMetadata`` box (registered, not subclassed, so this
 module imports no Flax): ``self.param('kernel', ...)`` unboxes it to the dequantised weight, tagged
@@ -37,13 +44,15 @@ class QuantizedWeight:
             axis, ``(*shape[:-1], shape[-1] // block_size)``, float32, or with double
             quantisation its int8 codes; int8: ``absmax / 127`` per output channel (float32,
             the reduced axes kept with size 1).
-        scale_scales: double quantisation only: float32 scale of each block of 256 constants.
-        scale_offset: double quantisation only: the float32 mean subtracted from the constants.
+        scale_scales: double quantisation only: float32 scale of each block of 256 constants,
+            ``(*stack, blocks)`` (the constants of each stack slice blocked on their own).
+        scale_offset: double quantisation only: the float32 mean subtracted from the constants,
+            ``(*stack,)``.
         kind: ``"nf4"``, ``"int4"`` or ``"int8"``.
-        shape: the weight's shape.
         dtype: the weight's dtype name; :func:`dequantize` returns it.
         block_size: values per absmax block (4-bit kinds; 0 for int8).
-        axes: int8 only: the fan-in axes the absmax reduces over.
+        axes: int8 only: the fan-in axes the absmax reduces over, counted from the end
+            (``(-2,)`` for a ``(fan_in, fan_out)`` kernel), so they hold for a stack slice too.
 
     Example:
         >>> import jax.numpy as jnp, jlora.quant
@@ -58,10 +67,25 @@ class QuantizedWeight:
     scale_scales: jax.Array | None
     scale_offset: jax.Array | None
     kind: str = dataclasses.field(metadata={"static": True})
-    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     dtype: str = dataclasses.field(metadata={"static": True})
     block_size: int = dataclasses.field(default=0, metadata={"static": True})
     axes: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape (4-bit codes pack two values per byte along the last axis)."""
+        shape = tuple(self.codes.shape)
+        return shape if self.kind == "int8" else (*shape[:-1], 2 * shape[-1])
+
+    @property
+    def reduced_axes(self) -> tuple[int, ...]:
+        """int8: the reduced axes as non-negative indices of :attr:`shape` (``()`` otherwise)."""
+        return tuple(sorted(a % self.ndim for a in self.axes))
+
+    @property
+    def stack_ndim(self) -> int:
+        """Leading axes whose slices carry their own double-quantisation constants (0 without)."""
+        return 0 if self.scale_offset is None else len(self.scale_offset.shape)
 
     @property
     def double_quant(self) -> bool:
@@ -104,20 +128,55 @@ class QuantizedWeight:
             "float weights (and re-quantises them with requantize=True)"
         )
 
-    def add_axis(self, index: int, params: Any) -> Any:
-        raise NotImplementedError(
-            "jlora.quant: quantised weights inside nn.scan / nn.vmap (lifted params axes) are not "
-            "supported yet; quantise the unstacked model, or dequantise these weights first"
-        )
+    # nn.scan / nn.vmap slice (or stack) every array along ``index``; the metadata is read from
+    # the arrays, so a slice needs no change, only the check that every array has that axis.
+    def remove_axis(self, index: int, params: Any) -> Any:
+        """Checks that ``index`` is a stack axis of every array; the box itself is unchanged."""
+        del params
+        why = slice_problem(self, index)
+        if why is not None:
+            raise AdapterMismatchError(
+                f"a quantised ({self.kind}) weight of shape {self.shape} cannot be sliced along "
+                f"axis {index} (nn.scan / nn.vmap): {why}"
+            )
+        return self
 
-    remove_axis = add_axis
+    def add_axis(self, index: int, params: Any) -> Any:
+        """A lifted transform stacking slices: the arrays carry the new axis; nothing to change."""
+        del index, params
+        return self
 
 
 jax.tree_util.register_dataclass(
     QuantizedWeight,
     data_fields=["codes", "scales", "scale_scales", "scale_offset"],
-    meta_fields=["kind", "shape", "dtype", "block_size", "axes"],
+    meta_fields=["kind", "dtype", "block_size", "axes"],
 )
+
+
+def slice_problem(q: QuantizedWeight, index: int) -> str | None:
+    """Why slicing every array of ``q`` along ``index`` would not give a valid slice, or None."""
+    ndim = q.ndim
+    if not -ndim <= index < ndim:
+        return f"it has {ndim} axes"
+    index %= ndim
+    if q.kind == "int8":
+        if index in q.reduced_axes:
+            return (
+                f"axis {index} is one of the fan-in axes {q.reduced_axes} its per-channel absmax "
+                "reduces over; quantise it with a layout whose leading 's' axes are the stack "
+                "axes (LoraConfig.layouts, e.g. 'sio', or jlora.linen's infer_layouts)"
+            )
+        return None
+    if index == ndim - 1:
+        return "the last axis holds the packed codes and their blocks"
+    if q.double_quant and index >= q.stack_ndim:
+        return (
+            f"its double-quantisation constants are blocked per slice of its first "
+            f"{q.stack_ndim} axes only; quantise it with a layout whose leading 's' axes are the "
+            "stack axes (LoraConfig.layouts, e.g. 'sio', or jlora.linen's infer_layouts)"
+        )
+    return None
 
 
 def _register_with_flax() -> None:
@@ -135,7 +194,7 @@ def absmax_of(q: QuantizedWeight) -> jax.Array:
     """The float32 per-block absmax constants of a 4-bit weight (double-dequantised if need be)."""
     if not q.double_quant:
         return q.scales
-    return _codes.double_dequantize(q.scales, q.scale_scales, q.scale_offset)
+    return _codes.double_dequantize(q.scales, q.scale_scales, q.scale_offset, q.stack_ndim)
 
 
 def dequantize(q: Any, dtype: Any = None) -> Any:
