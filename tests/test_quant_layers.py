@@ -66,8 +66,9 @@ def _full_weights(qparams):
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("conv", "nf4"), ("conv", "int8"), ("einsum-oio", "nf4"), ("einsum-iio-ellipsis", "int8"), ("einsum-gemma-kv", "nf4"),
-     ("einsum-shared", "nf4"), ("embed", "nf4"), ("embed", "int8")],
+    [("conv", "nf4"), pytest.param("conv", "int8", marks=pytest.mark.slow), ("einsum-oio", "nf4"),
+     ("einsum-iio-ellipsis", "int8"), ("einsum-gemma-kv", "nf4"), ("einsum-shared", "nf4"), ("embed", "nf4"),
+     pytest.param("embed", "int8", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_adapted_quantised_layer_equals_the_dequantised_layer(name, kind):
     adapted, x, qparams, zero_b, adapters = _setup(name, kind, seed=0)
@@ -128,7 +129,7 @@ class Stack(nn.Module):
         return layers(name="layers")(x, None)[0]
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_scan_slices_are_the_quantised_slices_and_train(kind):
     model, x = Stack(), _normal((4, 128), 0)
     params = model.init(jax.random.key(0), x)["params"]

@@ -40,7 +40,7 @@ def _pair(kind):
     return quantized, dense, x
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_adapted_quantised_model_equals_the_dequantised_model_and_trains(kind):
     quantized, dense, x = _pair(kind)
     np.testing.assert_allclose(quantized(x), dense(x), rtol=1e-5, atol=1e-5)
@@ -104,7 +104,7 @@ def _float_shapes(hlo, model):
     return [f"f32[{','.join(map(str, w.shape))}]" in hlo for w in weights]
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_embed_conv_einsum_over_quantised_weights_equal_the_dequantised(kind):
     config = jlora.LoraConfig(targets=[".*kernel", ".*embedding"], rank=3)
     quantized = jq.quantize_nnx(Layers(nnx.Rngs(0)), config, kind=kind)  # layouts from the layers

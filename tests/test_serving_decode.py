@@ -14,6 +14,7 @@ import serving_decode as sd  # noqa: E402
 TINY = sd.Size(vocab=24, d_model=16, heads=2, layers=1, prompt=3, steps=4, adapters=4, base_rows=2)
 
 
+@pytest.mark.slow  # ~10 s; the mixed forward of tests/test_serving.py is in the fast set
 def test_each_row_decodes_as_its_adapter_alone_in_one_compiled_step():
     model, params, adapters, bank, prompts, names = sd.setup(TINY)
     traces = []

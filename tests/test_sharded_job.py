@@ -54,6 +54,7 @@ def test_factors_take_derived_logical_names_and_the_users_rules():
     assert (up.a.spec, up.b.spec) == (P(None, "data", None), P(None, None, "model"))
 
 
+@pytest.mark.slow  # ~9 s; the NNX twin (tests/test_sharded_job_nnx.py) checks the same in the fast set
 def test_resumed_training_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
     job = _job()
     with jax.numpy_dtype_promotion("standard"):

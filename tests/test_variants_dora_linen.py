@@ -70,7 +70,9 @@ def test_one_dense_layer_is_the_float64_formula():
     assert_within_roundoff(got, want, magnitude, terms=3 * 9 + 2 + 8)
 
 
-@pytest.mark.parametrize("build", [_mlp, _decoder], ids=["mlp", "scanned-decoder"])
+@pytest.mark.parametrize(
+    "build", [_mlp, pytest.param(_decoder, marks=pytest.mark.slow)], ids=["mlp", "scanned-decoder"]
+)
 def test_adapted_equals_the_dora_merged_model(build):
     model, adapted, params, adapters, x = build(1)
     adapters = _perturbed(adapters, 5, 0.2)
