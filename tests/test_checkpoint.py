@@ -18,6 +18,7 @@ import jlora.sharding
 from jlora import AdapterMismatchError, LoraConfig, checkpoint
 from jlora.__main__ import main
 from jlora.checkpoint import _disk_merge as ckpt_merge
+from jlora.checkpoint._restore import _single_device_sharding
 
 CONFIG = LoraConfig(
     targets=(r".*/(query|value|up)/kernel", r"embed/embedding", r"stacked"),
@@ -225,7 +226,7 @@ def test_restore_rejects_mismatched_targets_and_shardings(tmp_path):
     target = jax.eval_shape(lambda: jlora.init(jax.random.key(0), params, fewer))
     with pytest.raises(AdapterMismatchError, match=r"^stacked: an adapter at this path is in the"):
         checkpoint.restore(tmp_path / "ckpt", target=target)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+    device = _single_device_sharding(jax.devices()[1])
     with pytest.raises(AdapterMismatchError, match=r"^embed/embedding: shardings has no entry"):
         checkpoint.restore(tmp_path / "ckpt", shardings={"stacked": device})
     every = {p: device for p in _table(adapters)} | {"extra/kernel": device}

@@ -13,6 +13,7 @@ from trees import random_factors, transformer_params
 import jlora
 from jlora import AdapterMismatchError, LoraConfig
 from jlora import sharding as lsh
+from jlora.checkpoint._restore import _single_device_sharding
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_unknown_mesh_axis_and_non_named_sharding(mesh):
         match=r"w: PartitionSpec .* names mesh axis 'tensor' but the mesh has axes \('data', 'model'\)",
     ):
         lsh.factor_shardings(adapters, {"w": P("tensor", None)}, mesh)
-    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    single = _single_device_sharding(jax.devices()[0])
     with pytest.raises(
         AdapterMismatchError, match=r"w: expected a NamedSharding .* found SingleDeviceSharding"
     ):

@@ -200,7 +200,7 @@ def restore(
             _base.check_digests(rec.base_digests, base)
     wanted = _check_target(target, records, extra_records, config) if target is not None else {}
     placement = _sharding_table(shardings, list(records), list(extra_records))
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    default = _single_device_sharding(jax.local_devices()[0])
 
     def abstract(path: str, name: str, shape: tuple[int, ...], dtype: str) -> Any:
         # Read in the saved dtype (the digest is of those bytes); a target's dtype is a cast after.
@@ -345,3 +345,11 @@ def _verify(
                     "merging would put NaN/Inf into the model. Were they saved from a diverged "
                     "run? Pass check_finite=False to restore them anyway"
                 )
+
+
+def _single_device_sharding(device: jax.Device) -> jax.sharding.Sharding:
+    """The sharding that puts an array on ``device``; jax 0.12.1 deprecates the class's name."""
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    if make is not None:
+        return make(device)
+    return jax.sharding.SingleDeviceSharding(device)
