@@ -198,6 +198,7 @@ def test_the_train_step_never_forms_a_kernel_sized_product():
     assert found == {tuple(sorted(s)) for s in KERNELS.values()}
 
 
+@pytest.mark.slow  # ~4 s; the whole run (slow) checks cached decoding of the trained model too
 def test_cached_greedy_decoding_of_the_adapted_model_equals_the_merged_model():
     model, tokens = _adapt(_model(), 15, randomise=True), _tokens(16)
     prompt = TASK.prompt(tokens)

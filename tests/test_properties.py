@@ -11,7 +11,7 @@ import jlora
 from jlora import LoraConfig
 
 # Every new shape compiles: slow data generation is expected, not a problem.
-SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

@@ -91,6 +91,7 @@ def _weight_sized(found) -> collections.Counter:
     return weight_sized(found, weight_shapes(weights))
 
 
+@pytest.mark.slow  # ~4 s; the NNX twin (tests/test_sharded_job_nnx.py) checks the same in the fast set
 def test_the_lora_step_moves_no_weight_beyond_what_the_frozen_step_moves():
     steps = _compiled()
     lora, floor = collectives(steps["lora"].as_text()), collectives(steps["floor"].as_text())
