@@ -79,6 +79,9 @@ def train(label, loss, trainable, frozen, data, *, epochs, lr, seed):
     """
     x, y = data
     tx = optax.adam(lr)
+    # The step donates the trainable tree, so it runs on a copy: the caller's tree stays valid
+    # (train may start twice from the same initial adapters).
+    trainable = jax.tree.map(jnp.copy, trainable)
     opt_state = tx.init(trainable)
 
     # Donating the trainable tree and the optimizer state lets XLA update them in place: the step

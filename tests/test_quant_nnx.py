@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics import assert_merge_within_roundoff
 
 import jlora
 import jlora.nnx
@@ -170,3 +171,36 @@ def test_vmap_stacked_weights_scan_slice_by_slice():
         b.set_value(jnp.asarray(np.random.default_rng(2).standard_normal(b.shape) * 0.1, b.dtype))
     np.testing.assert_allclose(nnx.jit(lambda m: m(x))(quantized), nnx.jit(lambda m: m(x))(dense),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_nnx_merge_of_a_quantised_model_is_jlora_quant_merge_in_the_weights_dtype():
+    quantized, _, x = _pair("nf4")
+    quantized.l2.lora_a.set_value(quantized.l2.lora_a.get_value() * 0)  # l2's delta: exactly 0
+    qs = {n: getattr(quantized, n).kernel.get_value() for n in ("l1", "l2")}
+    adapters = jlora.nnx.to_adapters(quantized)
+    merged = jlora.nnx.merge(quantized)
+    assert isinstance(quantized.l1.kernel.get_value(), jq.QuantizedWeight)  # copy=True
+    want = jq.merge({n: {"kernel": q} for n, q in qs.items()}, adapters, dtype=jnp.float32)
+    for name in ("l1", "l2"):
+        got = getattr(merged, name).kernel.get_value()
+        assert type(got) is type(want[name]["kernel"]) and got.dtype == jnp.float32
+        np.testing.assert_array_equal(got, want[name]["kernel"])  # the same rule, bit for bit
+        base = jq.dequantize(qs[name], jnp.float32)
+        assert_merge_within_roundoff(got, base, adapters[name]["kernel"], err_msg=name)
+    np.testing.assert_array_equal(merged.l2.kernel.get_value(), jq.dequantize(qs["l2"]))
+    assert type(merged.l1).__name__ == "Linear" and not hasattr(merged.l1, "lora_a")
+    np.testing.assert_allclose(merged(x), quantized(x), rtol=1e-4, atol=1e-4)
+
+
+def test_nnx_merge_of_a_quantised_bf16_layer_rounds_once_to_bf16():
+    layer = nnx.Linear(64, 32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = jq.quantize_nnx(layer, "kernel", kind="int8")
+    model = jlora.nnx.lora(model, jlora.LoraConfig(targets="kernel", rank=2), rngs=1)
+    b = np.random.default_rng(3).standard_normal((2, 32)) * 0.1
+    model.lora_b.set_value(jnp.asarray(b, model.lora_b.get_value().dtype))
+    q, adapters = model.kernel.get_value(), jlora.nnx.to_adapters(model)
+    got = jlora.nnx.merge(model, copy=False).kernel.get_value()
+    assert got.dtype == jnp.bfloat16 and model.kernel.get_value() is got
+    want = jq.merge({"kernel": q}, adapters, dtype=jnp.bfloat16)["kernel"]
+    np.testing.assert_array_equal(got, want)  # f32(dequantize(q)) + delta, one rounding
+    assert not bool((got == jq.dequantize(q)).all())  # the delta is in it

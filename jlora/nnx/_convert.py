@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from .._errors import AdapterMismatchError
@@ -20,6 +21,7 @@ from .._extras import Trainable, check_extra_fit
 from .._factors import LoraFactors
 from .._merge import _combine, adapter_tables, check_fit
 from .._paths import nest
+from ..quant._weight import QuantizedWeight, dequantize
 from ..variants._dora_layers import MAGNITUDE
 from ._adapted import LoraParam, detach, weight_of
 from ._dora import merged_weight
@@ -251,7 +253,11 @@ def merge(model: M, *, copy: bool = True) -> M:
     no :class:`LoraParam` and no dropout attributes, and its weight is ``W0 + delta`` formed in
     float32 with ``Precision.HIGHEST`` and rounded once to the weight's dtype, as
     :func:`jlora.merge` does (a DoRA layer's, from :func:`jlora.variants.dora_nnx`, is
-    :func:`jlora.variants.dora_merge`'s ``m V / ||V||_c``). Trainable extras keep their
+    :func:`jlora.variants.dora_merge`'s ``m V / ||V||_c``). A quantised weight (from
+    :func:`jlora.quant.quantize_nnx`) becomes a float weight of its original dtype,
+    ``dtype(f32(dequantize(q)) + delta)``, as ``jlora.quant.merge(..., dtype=q.dtype)``
+    gives; quantised weights of layers without adapters stay quantised
+    (:func:`jlora.quant.dequantize` turns them into float). Trainable extras keep their
     (trained) values and lose their mark, so the merged graphdef is the base's. Every other
     variable is unchanged.
 
@@ -288,6 +294,9 @@ def merge(model: M, *, copy: bool = True) -> M:
         check_fit(path, w0, factors)
         if MAGNITUDE in vars(module):  # DoRA: as jlora.variants.dora_merge
             weight.set_value(merged_weight(module))
+        elif isinstance(w0, QuantizedWeight):  # jlora.quant.merge's rule, in the weight's dtype
+            base = dequantize(w0, jnp.float32)
+            weight.set_value(_combine(base, factors, subtract=False).astype(w0.dtype))
         else:
             weight.set_value(_combine(w0, factors, subtract=False))  # exactly jlora.merge's rule
         detach(module)
