@@ -5,7 +5,8 @@ For LoRA on ``L`` weight matrices of shape ``d_model x d_model`` the trainable c
 ``a`` and ``r * d_model`` in ``b``.
 
 Trainable extras (:class:`jlora.Trainable`, e.g. a classifier head) count as trainable; since each
-replaces a base leaf of the same size, the adapted model's total counts them once.
+replaces a base leaf of the same size, the adapted model's total counts them once. DoRA's
+magnitudes (``magnitudes=``, one per output unit of each DoRA weight) count as trainable too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 
 from . import _checks
 from ._extras import is_trainable
+from ._merge import adapter_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,8 @@ class ParamCount:
     """Parameter counts of a base model and its adapters.
 
     Attributes:
-        trainable: number of trainable parameters: the factors plus the extras.
+        trainable: number of trainable parameters: the factors, the extras and any DoRA
+            magnitudes.
         base: number of frozen base parameters.
         extras: how many of ``trainable`` are trainable extras (fully trained copies of base
             leaves, which replace those leaves).
@@ -57,13 +60,15 @@ def _size(tree: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def count_params(params: Any, adapters: Any) -> ParamCount:
+def count_params(params: Any, adapters: Any, *, magnitudes: Any | None = None) -> ParamCount:
     """Counts the trainable (adapter) and frozen (base) parameters.
 
     Args:
         params: the base parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
         adapters: its adapter pytree; its trainable extras count as trainable, and separately
             in ``ParamCount.extras``.
+        magnitudes: DoRA's magnitudes ``{path: m}`` for these adapters
+            (:func:`jlora.variants.dora_magnitudes`), counted as trainable.
 
     Returns:
         A :class:`ParamCount`; ``str()`` of it is a one-line summary.
@@ -78,6 +83,12 @@ def count_params(params: Any, adapters: Any) -> ParamCount:
         >>> config = jlora.LoraConfig(targets="w", rank=4, trainable=("head",))
         >>> print(count_params(params, jlora.init(jax.random.key(0), params, config)))
         trainable params: 1,000 (extras: 200) || all params: 11,000 || trainable: 9.0909%
+        >>> from jlora.variants import dora_magnitudes
+        >>> print(count_params(params, adapters, magnitudes=dora_magnitudes(params, adapters)))
+        trainable params: 900 || all params: 11,100 || trainable: 8.1081%
+
+    Raises:
+        AdapterMismatchError: a magnitude has no factors at its path or does not fit them.
     """
     _checks.adapters_given(adapters)
     if params is None:
@@ -86,4 +97,7 @@ def count_params(params: Any, adapters: Any) -> ParamCount:
         )
     nodes = jax.tree_util.tree_leaves(adapters, is_leaf=is_trainable)
     extras = sum(_size(n) for n in nodes if is_trainable(n))
-    return ParamCount(trainable=_size(adapters), base=_size(params), extras=extras)
+    from .checkpoint._magnitudes import check  # the package imports this module
+
+    dora = sum(_size(m) for m in check(magnitudes, adapter_tables(adapters)[0]).values())
+    return ParamCount(trainable=_size(adapters) + dora, base=_size(params), extras=extras)

@@ -28,7 +28,8 @@ class SummaryRow:
         shape: the weight's shape.
         rank: the adapter's rank (0 for an extra).
         scale: the adapter's scale (``alpha / r``; 1 for an extra).
-        params: trainable parameters (``a`` and ``b``, or the extra's size).
+        params: trainable parameters (``a`` and ``b`` and a DoRA magnitude, or the extra's
+            size).
     """
 
     path: str
@@ -90,7 +91,11 @@ def _weight_shape(f: LoraFactors) -> tuple[int, ...]:
 
 
 def summary(
-    adapters: Any, params: Any = None, *, kinds: Mapping[str, str] | None = None
+    adapters: Any,
+    params: Any = None,
+    *,
+    kinds: Mapping[str, str] | None = None,
+    magnitudes: Any | None = None,
 ) -> AdapterSummary:
     """A table of the adapted weights: path, kind, weight shape, rank, scale and parameters.
 
@@ -99,6 +104,8 @@ def summary(
         params: the base params, to report the trainable share of the whole model.
         kinds: ``{weight path: layer kind}`` to show (the Flax transforms' ``summary`` fill it);
             without it the layout string is shown.
+        magnitudes: DoRA's magnitudes ``{path: m}`` for these adapters; each counts in its
+            weight's row (``jlora.nnx.summary`` passes a DoRA model's own).
 
     Returns:
         An :class:`AdapterSummary`; ``print`` it.
@@ -119,12 +126,16 @@ def summary(
             "kind name, e.g. {'decoder/mlp/kernel': 'mlp'}"
         )
     factors, extras = adapter_tables(adapters)
+    from .checkpoint._magnitudes import check  # the package imports this module
+
+    dora = {p: int(math.prod(m.shape)) for p, m in check(magnitudes, factors).items()}
     kinds = dict(kinds or {})
     rows = {}
     for path, f in factors.items():
         shape = _weight_shape(f)
         kind = kinds.get(path, f.layout.spec(len(shape)))
-        rows[path] = SummaryRow(path, kind, shape, f.rank, f.scale, int(f.a.size + f.b.size))
+        size = int(f.a.size + f.b.size) + dora.get(path, 0)
+        rows[path] = SummaryRow(path, kind, shape, f.rank, f.scale, size)
     for path, e in extras.items():
         rows[path] = SummaryRow(path, "trainable", tuple(e.value.shape), 0, 1.0, int(e.value.size))
     order = [p for p in _paths(adapters) if p in rows]

@@ -405,3 +405,20 @@ def test_a_rule_that_shards_the_rank_axis_is_refused():
         ),
     ):
         jlora.nnx.lora(model, LoraConfig(targets=".*down/kernel", rank=2), rngs=1)
+
+
+def test_dora_magnitudes_get_b_names_less_the_rank_axis():
+    from jlora.variants import dora_nnx
+
+    mesh = _mesh()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        layer = nnx.Linear(8, 16, kernel_init=_part(("embed", "mlp")), rngs=nnx.Rngs(0))
+        dora_nnx(jlora.nnx.lora(layer, LoraConfig(targets="kernel", rank=2), rngs=1))
+    m = layer.lora_magnitude
+    assert _names(m) == ("mlp",) and m.get_metadata()["sharding_rules"] == ((R, None),)
+    assert _spec(mesh, m) == P("model") and _spec(mesh, layer.lora_b) == P(None, "model")
+    with jax.set_mesh(mesh):  # mesh-axis names: no rules
+        plain = nnx.Linear(8, 16, kernel_init=_part(("data", "model")), rngs=nnx.Rngs(0))
+        dora_nnx(jlora.nnx.lora(plain, LoraConfig(targets="kernel", rank=2), rngs=1))
+    assert _names(plain.lora_magnitude) == ("model",)
+    assert _spec(mesh, plain.lora_magnitude) == P("model")

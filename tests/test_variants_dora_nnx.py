@@ -150,3 +150,22 @@ def test_dropout_follows_peft_the_base_product_of_the_dropped_input_too():
     )
     assert_within_roundoff(got, want, magnitude, terms=3 * 10 + 10)
     assert not np.allclose(xd, f64(x))  # the mask did drop entries
+
+
+def test_summary_and_count_params_count_the_magnitudes():
+    config = jlora.LoraConfig(targets=".*kernel", rank=2, alpha=3.0)
+    plain = jlora.nnx.summary(jlora.nnx.lora(_mlp()[0], config, rngs=nnx.Rngs(1)))
+    model, _ = _mlp()
+    dora = _adapt(model)
+    ms = {jax.tree_util.keystr(p, simple=True, separator="/"): m
+          for p, m in jax.tree_util.tree_leaves_with_path(nnx_magnitudes(dora))}  # fmt: skip
+    rows = {r.path: r.params for r in jlora.nnx.summary(dora).rows}
+    assert set(rows) == set(ms) == {r.path for r in plain.rows}
+    for row in plain.rows:  # a + b, plus one magnitude per output unit
+        assert rows[row.path] == row.params + ms[row.path].size
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    adapters = jlora.nnx.to_adapters(dora)
+    count = jlora.count_params(params, adapters, magnitudes=nnx_magnitudes(dora))
+    extra = sum(m.size for m in ms.values())
+    assert count.trainable == jlora.count_params(params, adapters).trainable + extra
+    assert count.trainable == jlora.nnx.summary(dora).trainable_params

@@ -32,7 +32,7 @@ from .._extras import Trainable
 from .._factors import LoraFactors
 from .._paths import nest
 from . import _format as fmt
-from . import _orbax_writes
+from . import _magnitudes, _orbax_writes
 
 ARRAYS = "adapters"
 RECORD = "jlora"
@@ -40,14 +40,23 @@ RECORD = "jlora"
 PathLike = str | os.PathLike
 
 
-def _arrays_tree(table: dict[str, LoraFactors], extras: dict[str, Trainable]) -> dict[str, Any]:
+def _arrays_tree(
+    table: dict[str, LoraFactors], extras: dict[str, Trainable], magnitudes: dict[str, Any]
+) -> dict[str, Any]:
     # An extra's array sits at its own path: a weight's path is never a prefix of another's.
     arrays = {path: {"a": f.a, "b": f.b} for path, f in table.items()}
+    for path, m in magnitudes.items():
+        arrays[path]["m"] = m  # DoRA's magnitude beside its factors (format version 3)
     return nest({**arrays, **{path: e.value for path, e in extras.items()}})
 
 
 def save_args(
-    adapters: Any, config: LoraConfig, *, base: Any | None = None, base_digest: bool = True
+    adapters: Any,
+    config: LoraConfig,
+    *,
+    base: Any | None = None,
+    base_digest: bool = True,
+    magnitudes: Any | None = None,
 ) -> ocp.args.Composite:
     """The orbax save arguments of an adapter checkpoint, for ``CheckpointManager.save``.
 
@@ -61,6 +70,8 @@ def save_args(
             and dtypes are recorded, so that :func:`restore` can refuse another base.
         base_digest: also record a content digest of each base weight (when ``base`` holds
             values this process can read whole); costs one pass over the base (``_base``).
+        magnitudes: DoRA's magnitudes ``{path: m}`` for these adapters, saved beside them (as
+            :func:`save`).
 
     Returns:
         ``ocp.args.Composite(adapters=StandardSave(...), jlora=JsonSave(...))``.
@@ -85,10 +96,11 @@ def save_args(
         [2, 3]
     """
     table, extras = fmt.check_adapters(adapters, config, base)
+    ms = _magnitudes.check(magnitudes, table)
     return ocp.args.Composite(
         **{
-            ARRAYS: ocp.args.StandardSave(_arrays_tree(table, extras)),
-            RECORD: ocp.args.JsonSave(fmt.record(table, config, base, extras, base_digest)),
+            ARRAYS: ocp.args.StandardSave(_arrays_tree(table, extras, ms)),
+            RECORD: ocp.args.JsonSave(fmt.record(table, config, base, extras, base_digest, ms)),
         }
     )
 
@@ -162,6 +174,7 @@ def save(
     step: int | None = None,
     base: Any | None = None,
     base_digest: bool = True,
+    magnitudes: Any | None = None,
 ) -> epath.Path:
     """Saves adapters, their config and (optionally) a base fingerprint as one checkpoint.
 
@@ -182,6 +195,9 @@ def save(
         base_digest: with ``base``, also record a SHA-256 of each base weight's bytes, so that
             another checkpoint of the same architecture is refused too; hashing costs about a
             second per GB of base (pass False to skip it for huge bases).
+        magnitudes: DoRA's magnitudes ``{path: m}`` (:func:`jlora.variants.dora_magnitudes`,
+            :func:`jlora.variants.nnx_magnitudes`) for these adapters, saved beside their
+            factors; :func:`restore` with ``magnitudes=True`` returns them.
 
     Returns:
         The path of the new checkpoint.
@@ -190,7 +206,8 @@ def save(
         FileExistsError: the target directory exists (choose another step or remove it).
         OSError: the directory cannot be created, or writing failed (a full disk): one error
             naming the checkpoint and the cause; nothing is left under the final name.
-        AdapterMismatchError: the adapters do not match ``config`` or ``base``.
+        AdapterMismatchError: the adapters do not match ``config`` or ``base``, or a magnitude
+            has no adapter or does not fit it (shape ``(*stack, *fan_out)``).
         TypeError: ``config`` is not a :class:`jlora.LoraConfig`.
         ValueError: ``step`` is not an integer >= 0.
 
@@ -216,7 +233,7 @@ def save(
     root = _dirs.absolute(_checks.path(directory, "directory"))  # orbax needs absolute paths
     path = root if step is None else root / str(_check_step(step))
     _checks.flag(base_digest, "base_digest")
-    args = save_args(adapters, config, base=base, base_digest=base_digest)
+    args = save_args(adapters, config, base=base, base_digest=base_digest, magnitudes=magnitudes)
     if _dirs.lexists(path):
         raise FileExistsError(
             f"{path}: already exists; jlora.checkpoint.save never overwrites a checkpoint. Save "

@@ -14,6 +14,8 @@ Adapters with trainable extras (:class:`jlora.Trainable`) are saved as version 2
 ``"trainable": {path: {"shape", "dtype"}}``; each extra's array sits in the arrays item at its own
 path. Version 2 is written only when there are extras, so every other checkpoint stays readable by
 jlora versions that know version 1 alone, and those refuse (rather than silently drop) extras.
+Adapters saved with DoRA magnitudes are version 3 (``_magnitudes``), which adds
+``"magnitudes": {path: {"shape", "dtype"}}`` and an ``m`` array beside each adapter's ``a``, ``b``.
 
 Scales are not stored: they follow from the config (``config.scale_for(path)``), which ``save``
 checks. The base fingerprint and its digests are described in ``_base``. ``digests`` holds a
@@ -45,6 +47,7 @@ from .._layout import Layout
 from .._merge import adapter_tables, check_fit
 from .._paths import leaves_with_paths
 from . import _base
+from . import _magnitudes as mag
 from ._base import Fingerprint, dtype_name
 
 FORMAT = "jlora.adapters"
@@ -161,17 +164,22 @@ def record(
     base: Any | None,
     extras: Mapping[str, Trainable] | None = None,
     base_digest: bool = True,
+    magnitudes: Mapping[str, Any] | None = None,
 ) -> dict:
-    """The JSON record for validated adapters (version 2 when there are trainable extras)."""
+    """The JSON record for validated adapters (version 2 with trainable extras, 3 with DoRA
+    magnitudes)."""
     digests: dict[str, dict[str, str]] = {
         path: {"a": _digest.array_digest(f.a), "b": _digest.array_digest(f.b)}
         for path, f in table.items()
     }
     for path, e in (extras or {}).items():
         digests[path] = {"value": _digest.array_digest(e.value)}
+    for path, m in (magnitudes or {}).items():
+        digests[path]["m"] = _digest.array_digest(m)
+    version = VERSION_EXTRAS if extras else VERSION
     out = {
         "format": FORMAT,
-        "version": VERSION_EXTRAS if extras else VERSION,
+        "version": mag.VERSION_MAGNITUDES if magnitudes else version,
         "config": config.to_dict(),
         "adapters": {
             path: {
@@ -193,6 +201,11 @@ def record(
             path: {"shape": list(e.value.shape), "dtype": dtype_name(e.value.dtype)}
             for path, e in extras.items()
         }
+    if magnitudes:
+        out["magnitudes"] = {
+            path: {"shape": list(m.shape), "dtype": dtype_name(m.dtype)}
+            for path, m in magnitudes.items()
+        }
     return out
 
 
@@ -206,6 +219,7 @@ class Record:
     base: Fingerprint | None
     digests: dict[str, dict[str, str]]
     base_digests: dict[str, str] | None
+    magnitudes: dict[str, ExtraRecord] = dataclasses.field(default_factory=dict)
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
@@ -289,6 +303,16 @@ def _parse_fields(data: Mapping[str, Any]) -> Record:
             shape=_shape(entry.get("shape"), f"trainable {path!r}"),
             dtype=_float_dtype(entry.get("dtype"), f"trainable {path!r}"),
         )
+    magnitudes = {}
+    for path, entry in (data.get("magnitudes") or {}).items():
+        if path not in adapters or not isinstance(entry, Mapping):
+            raise ValueError(f"magnitude {path!r} has record {entry!r} but no adapter record")
+        r = adapters[path]
+        shape = _shape(entry.get("shape"), f"magnitude {path!r}")
+        if shape != mag.expected_shape(r.b_shape, len(r.a_shape) - 1 - r.layout.fan_in_ndim):
+            raise ValueError(f"magnitude {path!r} has shape {shape}, which does not fit {r.b_shape}")
+        dtype = _float_dtype(entry.get("dtype"), f"magnitude {path!r}")
+        magnitudes[path] = ExtraRecord(shape, dtype)
     base = data.get("base")
     saved = None if base is None else [(str(p), tuple(s), str(d)) for p, s, d in base]
     digests = data.get("digests") or {}
@@ -302,7 +326,7 @@ def _parse_fields(data: Mapping[str, Any]) -> Record:
         isinstance(base_digests, Mapping) and all(isinstance(h, str) for h in base_digests.values())
     ):
         raise ValueError("'base_digests' is not a dict of {path: sha256}")
-    return Record(config, adapters, extras, saved, dict(digests), base_digests)
+    return Record(config, adapters, extras, saved, dict(digests), base_digests, magnitudes)
 
 
 def parse(data: Any, where: str) -> Record:
@@ -317,10 +341,11 @@ def parse(data: Any, where: str) -> Record:
             f"{where}: not a jlora adapter checkpoint (its 'jlora' item has no "
             f"format={FORMAT!r}); expected a directory written by jlora.checkpoint.save"
         )
-    if data.get("version") not in (VERSION, VERSION_EXTRAS):
+    if data.get("version") not in (VERSION, VERSION_EXTRAS, mag.VERSION_MAGNITUDES):
         raise ValueError(
             f"{where}: adapter checkpoint format version {data.get('version')!r} is not supported "
-            f"by this jlora (it reads versions {VERSION} and {VERSION_EXTRAS}); upgrade jlora"
+            f"by this jlora (it reads versions {VERSION} to {mag.VERSION_MAGNITUDES}); upgrade "
+            "jlora"
         )
     try:
         return _parse_fields(data)

@@ -25,6 +25,7 @@ from .._merge import adapter_tables
 from .._paths import is_box, leaves_with_paths, nest, path_to_str
 from . import _base
 from . import _format as fmt
+from . import _magnitudes as mag
 from ._adapters import ARRAYS, PathLike, first_line, read_record, resolve
 
 
@@ -130,7 +131,8 @@ def restore(
     base: Any | None = None,
     base_digest: bool = True,
     check_finite: bool = True,
-) -> tuple[dict[str, Any], LoraConfig]:
+    magnitudes: bool = False,
+) -> tuple[dict[str, Any], LoraConfig] | tuple[dict[str, Any], LoraConfig, dict[str, Any]]:
     """Restores adapters and their config from a checkpoint written by :func:`save`.
 
     The adapter tree is rebuilt from the saved structure (``scale`` from the saved config, layouts
@@ -154,9 +156,15 @@ def restore(
             saved with the checkpoint (one pass over the base; False checks shapes only).
         check_finite: refuse factors or extras holding NaN or infinite values (adapters are
             small, so this is cheap).
+        magnitudes: also return the DoRA magnitudes saved with ``save(..., magnitudes=)``, each
+            on its ``b``'s mesh with ``b``'s spec less the rank axis. Required for such a
+            checkpoint: its factors alone would be restored as plain LoRA.
 
     Returns:
-        ``(adapters, config)``. Factors come back in the metadata boxes of ``target``'s factors
+        ``(adapters, config)``, and with ``magnitudes=True`` ``(adapters, config, magnitudes)``
+        (``{path: m}`` as saved, empty if none were).
+
+        Factors come back in the metadata boxes of ``target``'s factors
         (``nn.LogicallyPartitioned``, ...), or, without a target, in the boxes :func:`jlora.init`
         gives the factors of ``base``'s boxed weights, so that ``nn.get_partition_spec`` and a
         step traced with boxed adapters accept them.
@@ -168,7 +176,7 @@ def restore(
         FileNotFoundError: no checkpoint at ``directory`` (or for ``step``).
         AdapterMismatchError: ``base`` differs from the saved fingerprint or content digests (the
             message names the first differing path), or ``target``/``shardings`` do not match the
-            checkpoint.
+            checkpoint; the checkpoint holds DoRA magnitudes and ``magnitudes`` is False.
         DamagedCheckpointError: a file of the checkpoint is missing, truncated or corrupt, or an
             array differs from its recorded digest (a ``ValueError``).
         NonFiniteError: a factor or extra holds NaN or Inf values (``check_finite``).
@@ -192,7 +200,10 @@ def restore(
     path = resolve(_dirs.absolute(_checks.path(directory, "directory")), step)
     _checks.flag(base_digest, "base_digest")
     _checks.flag(check_finite, "check_finite")
+    _checks.flag(magnitudes, "magnitudes")
     rec = fmt.parse(read_record(path), str(path))
+    if rec.magnitudes and not magnitudes:
+        mag.refuse_unasked(str(path), list(rec.magnitudes))
     config, records, extra_records = rec.config, rec.adapters, rec.extras
     if base is not None and rec.base is not None:
         _base.check_fingerprint(rec.base, base)
@@ -214,19 +225,22 @@ def restore(
             check_divides(f"{path}/{name}", shape, sharding.spec, sharding.mesh)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
+    def factors_item(p: str, r: fmt.AdapterRecord) -> dict[str, Any]:
+        a, b = abstract(p, "a", r.a_shape, r.a_dtype), abstract(p, "b", r.b_shape, r.b_dtype)
+        out = {"a": a, "b": b}
+        if p in rec.magnitudes:  # DoRA's magnitude: on b's mesh, b's spec less the rank axis
+            m, n_stack = rec.magnitudes[p], len(r.a_shape) - 1 - r.layout.fan_in_ndim
+            sharding = mag.sharding_of(out["b"].sharding, n_stack)
+            out["m"] = jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+        return out
+
     item = nest(
         {
-            **{
-                p: {
-                    "a": abstract(p, "a", r.a_shape, r.a_dtype),
-                    "b": abstract(p, "b", r.b_shape, r.b_dtype),
-                }
-                for p, r in records.items()
-            },
+            **{p: factors_item(p, r) for p, r in records.items()},
             **{p: abstract(p, "value", r.shape, r.dtype) for p, r in extra_records.items()},
         }
     )
-    _check_array_metadata(path, records, extra_records)
+    _check_array_metadata(path, records, extra_records, rec.magnitudes)
     failure = None
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -242,7 +256,7 @@ def restore(
             "save the adapters again"
         )
     flat = dict(leaves_with_paths(arrays))
-    _verify(path, flat, records, extra_records, rec.digests, check_finite)
+    _verify(path, flat, records, extra_records, rec.digests, check_finite, rec.magnitudes)
 
     def cast(p: str, name: str, key: str) -> Any:
         x = flat[key]
@@ -258,7 +272,10 @@ def restore(
     extras = {p: Trainable(cast(p, "value", p)) for p in extra_records}
     if base is not None:
         fmt.check_base_fit(table, base, extras)
-    return _boxed(nest({**table, **extras}), target, base, table), config
+    adapters = _boxed(nest({**table, **extras}), target, base, table)
+    if magnitudes:
+        return adapters, config, nest({p: flat[f"{p}/m"] for p in rec.magnitudes})
+    return adapters, config
 
 
 def _boxed(adapters: Any, target: Any, base: Any, table: dict[str, LoraFactors]) -> Any:
@@ -282,6 +299,7 @@ def _check_array_metadata(
     path: epath.Path,
     records: dict[str, fmt.AdapterRecord],
     extra_records: dict[str, fmt.ExtraRecord],
+    magnitudes: dict[str, fmt.ExtraRecord],
 ) -> None:
     """Compares the record with orbax's own metadata of the arrays before reading any data."""
     failure = None
@@ -304,6 +322,7 @@ def _check_array_metadata(
     expected = {f"{p}/{n}": (getattr(r, f"{n}_shape"), getattr(r, f"{n}_dtype"))
                 for p, r in records.items() for n in ("a", "b")}  # fmt: skip
     expected.update({p: (r.shape, r.dtype) for p, r in extra_records.items()})
+    expected.update({f"{p}/m": (r.shape, r.dtype) for p, r in magnitudes.items()})
     for key in [*expected, *found]:
         if expected.get(key) != found.get(key):
 
@@ -325,9 +344,11 @@ def _verify(
     extra_records: dict[str, fmt.ExtraRecord],
     digests: dict[str, dict[str, str]],
     check_finite: bool,
+    magnitudes: dict[str, fmt.ExtraRecord],
 ) -> None:
     """Checks restored arrays against their recorded digests, and (optionally) for NaN/Inf."""
     keys = [(p, n, f"{p}/{n}") for p in records for n in ("a", "b")]
+    keys += [(p, "m", f"{p}/m") for p in magnitudes]
     keys += [(p, "value", p) for p in extra_records]
     for p, name, key in keys:
         expected = digests.get(p, {}).get(name)

@@ -318,7 +318,8 @@ def lora(
 
 def summary(model: nnx.Module) -> AdapterSummary:
     """A table of the adapted layers of ``model``: path, layer kind, weight shape, rank, scale and
-    trainable parameters, and their share of the model's ``nnx.Param`` parameters.
+    trainable parameters, and their share of the model's ``nnx.Param`` parameters. A DoRA
+    layer's (:func:`jlora.variants.dora_nnx`) count includes its magnitude.
 
     Args:
         model: an adapted model.
@@ -343,4 +344,6 @@ def summary(model: nnx.Module) -> AdapterSummary:
         for path, (_, module) in adapted(model).items()
     }
     base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return summarise(to_adapters(model), base, kinds=kinds)
+    from ..variants import nnx_magnitudes  # DoRA's (jlora.variants.dora_nnx): trained too
+
+    return summarise(to_adapters(model), base, kinds=kinds, magnitudes=nnx_magnitudes(model))

@@ -24,6 +24,7 @@ from ..variants._dora import _merge_one, dora_magnitudes
 from ..variants._dora_layers import MAGNITUDE, combine, layer_ratio, lead
 from ._adapted import LoraParam, weight_of
 from ._kinds import _floating, factors_of, kind_of
+from ._sharding import _like, new_factor, sharding_key
 
 SUPPORTED = "nnx.Linear and nnx.LinearGeneral"
 
@@ -89,7 +90,28 @@ def add_magnitude(path: str, module: Any) -> None:
     f = factors_of(module)
     m = dora_magnitudes({"w": w}, {"w": f})["w"]
     meta = {k: v for k, v in module.lora_a.get_metadata().items() if k.startswith("lora_")}
-    setattr(module, MAGNITUDE, LoraParam(m, **meta))
+    setattr(module, MAGNITUDE, _magnitude_param(m, meta, module.lora_b, f))
+
+
+def _magnitude_param(m: jax.Array, meta: dict[str, Any], b: Any, f: LoraFactors) -> Any:
+    """The magnitude's ``LoraParam`` with ``b``'s sharding less its rank axis (metadata and
+    placement): ``m`` has ``b``'s shape ``(*stack, r, *fan_out)`` without ``r``."""
+    from ..checkpoint._magnitudes import sharding_of
+
+    n_stack = f.a.ndim - 1 - f.layout.fan_in_ndim
+    b_meta, b_value = b.get_metadata(), b.get_value()
+    key = sharding_key(b_meta)
+    if key is None:
+        if isinstance(b_value, jax.Array) and not isinstance(b_value, jax.core.Tracer):
+            sharding = sharding_of(b_value.sharding, n_stack)
+            if isinstance(sharding, jax.sharding.NamedSharding):
+                m = jax.device_put(m, sharding)
+        return LoraParam(m, **meta)
+    names = b_meta[key]
+    entries = tuple(names.spec if isinstance(names, jax.sharding.NamedSharding) else names)
+    meta[key] = _like(names, entries[:n_stack] + entries[n_stack + 1 :])
+    meta.update({k: b_meta[k] for k in ("mesh", "eager_sharding", "sharding_rules") if k in b_meta})
+    return new_factor(LoraParam, m, meta, b_value, "b")  # b lies on the weight's mesh, if any
 
 
 def merged_weight(module: Any) -> jax.Array:

@@ -31,7 +31,8 @@ quantise (``adapted.infer_layouts(params, x)`` into ``LoraConfig.layouts``; :fun
 reads it from the layers): its leading ``s`` axes are stack axes, int8 reduces over its fan-in.
 :func:`merge` returns float weights (``dequantize(q) + delta`` in a chosen dtype), optionally
 re-quantised with a per-weight error report; :func:`merge_checkpoint` does the same on disk, a
-group of weights at a time. :func:`save` writes a quantised tree with its quantisation metadata
+group of weights at a time; :func:`jlora.nnx.merge` merges a :func:`quantize_nnx` model's adapted
+layers into float weights of their original dtype (as :func:`merge` with ``dtype=q.dtype``). :func:`save` writes a quantised tree with its quantisation metadata
 (``jlora_quant.json``), so :func:`restore` and :func:`merge_checkpoint` need no ``like=``.
 
 Example:
