@@ -45,7 +45,7 @@ def remat_policy(max_rank: int = 64) -> Callable[..., bool]:
 
     Saved: outputs of ``dot_general`` without batch axes whose contraction is larger than
     ``max_rank`` (the base's projections and each adapter's ``x a``). Everything else, including
-    the values named :data:`jlora.ops.LORA_INPUT`, is recomputed.
+    the values named ``jlora.ops.LORA_INPUT``, is recomputed.
 
     Args:
         max_rank: products that contract over at most this many elements are recomputed; set it
