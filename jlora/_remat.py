@@ -41,7 +41,8 @@ def remat_policy(max_rank: int = 64) -> Callable[..., bool]:
     operations), and its memory falls below the frozen base's step at the cost of recomputing the
     blocks' elementwise ops, attention's batched products and the adapters' rank-``r`` products.
     On the benchmark decoder (XLA:CPU, d512, 4 layers, all six linears, r=8) the step took 0.86x the
-    frozen step's memory at 1.19x its time (``benchmarks/results/remat-memory-cpu.md``).
+    frozen step's memory at 1.07-1.19x its time over two runs
+    (``benchmarks/results/remat-memory-cpu.md``).
 
     Saved: outputs of ``dot_general`` without batch axes whose contraction is larger than
     ``max_rank`` (the base's projections and each adapter's ``x a``). Everything else, including
