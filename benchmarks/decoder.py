@@ -6,7 +6,8 @@ the embedded tokens, so the *floor* step can differentiate with respect to activ
 
 ``remat`` wraps every block in ``nn.remat`` with one of :data:`REMAT_POLICIES`: the backward pass
 then recomputes what the policy does not save, block by block, instead of keeping it from the
-forward pass (the adapters' inputs among it).
+forward pass (the adapters' inputs among it). ``scan=True`` runs the blocks as one ``nn.scan``
+(parameters stacked under ``layers``), so a rematted block is recomputed inside the backward loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import jlora
+
 REMAT_POLICIES = {
+    "jlora": jlora.remat_policy(),
     "nothing": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -59,10 +63,20 @@ class Block(nn.Module):
         return x + dense(s.d_model, "down")(nn.gelu(dense(s.d_ff, "up")(h)))
 
 
+class _ScanStep(nn.Module):
+    size: Size
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+        return Block(self.size, self.dtype, name="block")(x), None
+
+
 class Decoder(nn.Module):
     size: Size
     dtype: jnp.dtype = jnp.float32
     remat: str | None = None
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, h0_offset: jax.Array | None = None) -> jax.Array:
@@ -70,9 +84,20 @@ class Decoder(nn.Module):
         x = embed(tokens).astype(self.dtype)
         if h0_offset is not None:
             x = x + h0_offset.astype(self.dtype)
-        block = Block if self.remat is None else nn.remat(Block, policy=REMAT_POLICIES[self.remat])
-        for i in range(self.size.layers):
-            x = block(self.size, self.dtype, name=f"layers_{i}")(x)
+        if self.scan:
+            step = _ScanStep
+            if self.remat is not None:
+                step = nn.remat(_ScanStep, policy=REMAT_POLICIES[self.remat])
+            stack = nn.scan(
+                step, variable_axes={"params": 0}, split_rngs={"params": True},
+                length=self.size.layers,
+            )
+            x = stack(self.size, self.dtype, name="layers")(x, None)[0]
+        else:
+            policy = REMAT_POLICIES.get(self.remat)
+            block = Block if self.remat is None else nn.remat(Block, policy=policy)
+            for i in range(self.size.layers):
+                x = block(self.size, self.dtype, name=f"layers_{i}")(x)
         x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
         return embed.attend(x).astype(jnp.float32)
 

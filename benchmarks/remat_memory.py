@@ -4,7 +4,9 @@
 on the benchmark decoder (``run.py``'s cpu preset; pinned to one core, CPU time, interleaved rounds,
 see ``timing.py``), the frozen-base *floor* and the jlora Adam step on all linears and on q, v:
 plain, and with every block under ``nn.remat`` with ``dots_with_no_batch_dims_saveable`` (*remat
-dots*) or ``nothing_saveable`` (*remat nothing*). For each it reports XLA's memory account
+dots*), ``nothing_saveable`` (*remat nothing*) or ``jlora.remat_policy()`` (*remat jlora*), the
+blocks either a Python loop or one ``nn.scan`` (*scan*; its parameters are the loop's, stacked, so
+the step computes the same function of the same weights). For each it reports XLA's memory account
 (``compiled.memory_analysis()``: ``timing.memory_bytes`` and the temporaries alone) and the
 activations jax's autodiff keeps for the backward pass (``jax.ad_checkpoint.saved_residuals``:
 the count and bytes of saved values that are not arguments).
@@ -59,6 +61,14 @@ def _saved_mib(loss_fn, *args) -> tuple[int, float]:
     return len(kept), total / 2**20
 
 
+def _stacked(tree: dict) -> dict:
+    """The loop decoder's ``layers_i`` entries stacked under ``layers/block``, as ``nn.scan`` keeps them."""
+    layers = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    out = {k: v for k, v in tree.items() if k not in layers}
+    out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[k] for k in layers))}
+    return out
+
+
 def cases(size: Size) -> tuple[list[JaxCase], dict[str, tuple[int, float]]]:
     model = Decoder(size, jnp.float32)
     key = jax.random.key(0)
@@ -73,16 +83,23 @@ def cases(size: Size) -> tuple[list[JaxCase], dict[str, tuple[int, float]]]:
     for label, targets in train.TARGETS.items():
         config = jlora.LoraConfig(targets=targets, rank=8, alpha=16.0)
         adapters = jlora.linen.lora(model, config).init_adapters(jax.random.key(1), params, tokens)
-        for suffix, remat in (("", None), (", remat dots", "dots"), (", remat nothing", "nothing")):
-            lora = jlora.linen.lora(dataclasses.replace(model, remat=remat), config)
+        variants = [("", None, False), (", remat dots", "dots", False)]
+        if label == "all linear":
+            variants += [(", remat nothing", "nothing", False), (", scan, remat dots", "dots", True),
+                         (", scan, remat nothing", "nothing", True)]
+        variants += [(", scan, remat jlora", "jlora", True)]
+        for suffix, remat, scan in variants:
+            lora = jlora.linen.lora(dataclasses.replace(model, remat=remat, scan=scan), config)
+            used = _stacked(adapters) if scan else adapters
+            frozen = _stacked(params) if scan else params
 
             def loss_fn(adapters, params, tokens, lora=lora):
                 return next_token_loss(lora.apply(params, adapters, tokens), tokens)
 
             name = f"jlora ({label}{suffix})"
             log(f"compiling {name}")
-            saved[name] = _saved_mib(loss_fn, adapters, params, tokens)
-            args = (train._copy(adapters), tx.init(adapters), params, tokens)
+            saved[name] = _saved_mib(loss_fn, used, frozen, tokens)
+            args = (train._copy(used), tx.init(used), frozen, tokens)
             out.append(JaxCase(name, train.adapter_step(loss_fn, tx), args, carry=2, loss_index=2))
     return out, saved
 

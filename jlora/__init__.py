@@ -22,6 +22,7 @@ from ._layout import Layout as Layout
 from ._merge import delta as delta
 from ._merge import merge as merge
 from ._merge import unmerge as unmerge
+from ._remat import remat_policy as remat_policy
 from ._summary import AdapterSummary as AdapterSummary
 from ._summary import summary as summary
 
@@ -71,6 +72,7 @@ __all__ = [
     "init",
     "merge",
     "ops",
+    "remat_policy",
     "summary",
     "unmerge",
 ]

@@ -28,6 +28,7 @@ def test_top_level_surface():
         "init",
         "merge",
         "ops",
+        "remat_policy",
         "summary",
         "unmerge",
     ]
