@@ -10,7 +10,8 @@ Each function returns only the LoRA term; the caller adds the frozen layer's own
 Contracting through the rank ``r`` costs ``O(r (fan_in + fan_out))`` per row instead of the
 ``O(fan_in * fan_out)`` of building the dense update. LoRA dropout (Hu et al. 2022) acts on the
 adapter's input only; the base path sees ``x`` untouched. Factors are cast to the input's dtype, so
-bfloat16 activations run bfloat16 matmuls against float32 factors.
+bfloat16 activations run bfloat16 matmuls against float32 factors (the dense product accumulates
+in float32 and rounds its result once).
 
 The factors must be one layer's (no stack axes): inside ``nn.scan`` each step sees its own slice.
 
@@ -199,9 +200,8 @@ def _factored(rows: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.
     Below float32 (bfloat16, float16) both products accumulate in and hand on float32: ``rows a``
     is not rounded to the narrow dtype, and the result is rounded once, at the end. XLA:CPU computes
     a narrow dot in float32 anyway, between converts; asking for the float32 result drops the
-    converts of the rank-``r`` intermediate and of the output (the bfloat16 all-linear step went
-    from 1.10 to 1.04 x its floor, ``benchmarks/results/bf16-cpu.md``). float32 and float64
-    programs are unchanged.
+    converts of the rank-``r`` intermediate and of the output (``benchmarks/results/bf16-cpu.md``).
+    float32 and float64 programs are unchanged.
     """
     scaled_a = a.astype(rows.dtype) * jnp.asarray(scale, rows.dtype)
     a_t = jax.lax.optimization_barrier(scaled_a.T)
