@@ -9,6 +9,9 @@ benchmark decoder (``run.py``'s cpu preset; pinned to one core, CPU time, interl
   (16 bits per element, four elements per Threefry hash, integer compares: ``jlora/_mask.py``);
 * ``dropout 0.1, bernoulli``: the same step with the mask drawn as before, by
   ``jax.random.bernoulli(key, 1 - rate, shape)`` (one hash per element, float compares).
+* ``dropout 0.1, no hash`` (all linear only; a diagnostic, not a valid mask): the same step with
+  the keep bits taken from a multiplicative counter hash of one key word instead of Threefry, so
+  the difference to ``dropout 0.1`` is what the Threefry mask costs beyond the dropout passes.
 
 The dropout key is an argument of the compiled step (a constant key would let XLA fold the
 mask), and the frozen-base *floor* runs in the same rounds. Ratios are to ``no dropout`` of
@@ -49,6 +52,17 @@ def log(message: str) -> None:
 def bernoulli_mask(rng, rate, shape):
     """The mask before this benchmark's change: one Threefry hash and a float compare per entry."""
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
+def no_hash_mask(rng, rate, shape):
+    """Diagnostic only: keep bits from ``counter * key`` (not independent draws; never use)."""
+    k = jax.random.bits(rng, (), jnp.uint32)
+    count = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        count = count + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return ((count * k) >> 16) & jnp.uint32(0xFFFF) < _mask.threshold(rate)
 
 
 def dropout_step(lora, tx):
@@ -95,16 +109,20 @@ def cases(size: Size) -> list[JaxCase]:
             JaxCase(f"{label}: dropout {RATE}", dropout_step(dropped, tx), args, carry=2,
                     loss_index=2)
         )
-        args = (train._copy(adapters), tx.init(adapters), params, tokens, jax.random.key(7))
-        new_mask = _mask.keep_mask
-        _mask.keep_mask = bernoulli_mask  # traced (and compiled) while patched
-        try:
-            out.append(
-                JaxCase(f"{label}: dropout {RATE}, bernoulli", dropout_step(dropped, tx), args,
-                        carry=2, loss_index=2)
-            )
-        finally:
-            _mask.keep_mask = new_mask
+        variants = {"bernoulli": bernoulli_mask}
+        if label == "all linear":
+            variants["no hash"] = no_hash_mask
+        for name, mask in variants.items():
+            args = (train._copy(adapters), tx.init(adapters), params, tokens, jax.random.key(7))
+            new_mask = _mask.keep_mask
+            _mask.keep_mask = mask  # traced (and compiled) while patched
+            try:
+                out.append(
+                    JaxCase(f"{label}: dropout {RATE}, {name}", dropout_step(dropped, tx), args,
+                            carry=2, loss_index=2)
+                )
+            finally:
+                _mask.keep_mask = new_mask
     return out
 
 

@@ -10,7 +10,8 @@ Each function returns only the LoRA term; the caller adds the frozen layer's own
 Contracting through the rank ``r`` costs ``O(r (fan_in + fan_out))`` per row instead of the
 ``O(fan_in * fan_out)`` of building the dense update. LoRA dropout (Hu et al. 2022) acts on the
 adapter's input only; the base path sees ``x`` untouched. Factors are cast to the input's dtype, so
-bfloat16 activations run bfloat16 matmuls against float32 factors.
+bfloat16 activations run bfloat16 matmuls against float32 factors (the dense product accumulates
+in float32 and rounds its result once).
 
 The factors must be one layer's (no stack axes): inside ``nn.scan`` each step sees its own slice.
 
@@ -195,11 +196,18 @@ def _factored(rows: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.
     and transposes only that small result; without the barrier XLA folds the transpose into the
     product and computes it ``(fan_in, r)``-major, several times slower on CPU. The scale rides on
     that transpose, which is materialised anyway.
+
+    Below float32 (bfloat16, float16) both products accumulate in and hand on float32: ``rows a``
+    is not rounded to the narrow dtype, and the result is rounded once, at the end. XLA:CPU computes
+    a narrow dot in float32 anyway, between converts; asking for the float32 result drops the
+    converts of the rank-``r`` intermediate and of the output (``benchmarks/results/bf16-cpu.md``).
+    float32 and float64 programs are unchanged.
     """
     scaled_a = a.astype(rows.dtype) * jnp.asarray(scale, rows.dtype)
     a_t = jax.lax.optimization_barrier(scaled_a.T)
-    xa = jax.lax.dot_general(rows, a_t, (((1,), (1,)), ((), ())))
-    return jnp.matmul(xa, b.astype(rows.dtype))
+    acc = rows.dtype if jnp.finfo(rows.dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    xa = jax.lax.dot_general(rows, a_t, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    return jnp.matmul(xa, b.astype(acc)).astype(rows.dtype)
 
 
 def _factored_explicit(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

@@ -101,6 +101,18 @@ def test_bfloat16_input_computes_in_bfloat16():
     )
 
 
+def test_bfloat16_product_rounds_once():
+    # x a = [1 + 2**-9, -1] is not a bfloat16 number (it rounds to [1, -1]); accumulated in
+    # float32 and rounded once at the end, (x a) b keeps the 2**-9 that a rounded x a would lose.
+    a = jnp.array([[1.0, -1.0], [1.0, 0.0]], jnp.float32)
+    f = jlora.LoraFactors(a, jnp.ones((2, 1), jnp.float32), 1.0, jlora.Layout(1, 1))
+    x = jnp.array([[1.0, 2.0**-9]], jnp.bfloat16)
+    got = ops.dense_branch(x, f)
+    assert got.dtype == jnp.bfloat16
+    assert float(got[0, 0]) == 2.0**-9
+    assert float(ops.dense_branch(x.astype(jnp.float32), f)[0, 0]) == 2.0**-9
+
+
 def test_stacked_factors_are_refused():
     _, f = _factors((3, 6, 5), "sio")
     with pytest.raises(
