@@ -589,7 +589,7 @@ def test_command_line_merge_resident_memory_stays_far_below_the_model(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_disk_merge_kernel_in_blocks_is_bit_equal_to_jlora_merge(dtype):
+def test_disk_merge_kernel_is_bit_equal_to_jlora_merge(dtype):
     # The on-disk merge forms the delta with merge's own code and adds and rounds in one jitted
     # pass; canonical, transposed and stacked layouts, with and without the finite check.
     from jlora._merge import adapter_tables
