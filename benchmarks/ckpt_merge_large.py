@@ -3,7 +3,8 @@
 ``python benchmarks/ckpt_merge_large.py --dir /tmp/jlora-ckpt --out results/ckpt-merge-large.md``
 writes, for each layout (float32 and bfloat16; *many* leaves of 1 MiB or 512 KiB and *few* leaves of
 128 MiB), a base checkpoint of about 1 GiB with ``ocp.StandardCheckpointer`` and an r=8 adapter on
-every leaf, then times in fresh subprocesses, alternating, ``--rounds`` times each:
+every leaf (``--scale 0.25``: a quarter of the leaves, about 256 MiB), then times in fresh
+subprocesses, alternating, ``--rounds`` times each:
 
 * ``orbax``: ``StandardCheckpointer().restore(base)`` then ``.save(out, tree)``: the floor for any
   merge that must read and write every byte;
@@ -12,8 +13,13 @@ every leaf, then times in fresh subprocesses, alternating, ``--rounds`` times ea
 * ``merge, MALLOC_MMAP_THRESHOLD_=1 MiB`` (``--malloc``): the merge with glibc returning large
   freed buffers at once, as the ``jlora merge`` command line runs it.
 
-Each subprocess reports its wall time and peak RSS (``VmHWM``); the table gives medians, MB/s of
-array bytes and the ratio to orbax. Every file is removed at the end.
+* ``merge, before`` (``--baseline DIR``): the merge of the jlora checked out at ``DIR`` (the
+  ``jlora`` package's parent), to compare two versions in one run.
+
+Each subprocess reports its wall time, its CPU time (user + system, all threads) and peak RSS
+(``VmHWM``); the table gives medians, MB/s of array bytes and the ratios to orbax (speed: orbax's
+time over the mode's). Run it pinned (``taskset -c 1``) on a shared machine and read the CPU
+ratios; the wall ones move with the load. Every file is removed at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +44,8 @@ LAYOUTS = {  # name -> (dtype, leaves, shape)
 
 
 MALLOC = "merge, MALLOC_MMAP_THRESHOLD_=1 MiB"
+BEFORE = "merge, before (--baseline)"
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _peak_rss() -> int:
@@ -93,7 +102,20 @@ def run(work: pathlib.Path, mode: str) -> dict:
             finally:
                 sys.stderr = stderr
         nbytes = summary.nbytes
-    return {"seconds": time.perf_counter() - start, "bytes": nbytes, "peak_rss": _peak_rss()}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu": usage.ru_utime + usage.ru_stime,  # the whole process, every thread
+        "bytes": nbytes,
+        "peak_rss": _peak_rss(),
+        "jlora": jlora_file(),
+    }
+
+
+def jlora_file() -> str:
+    import jlora
+
+    return jlora.__file__
 
 
 def main() -> None:
@@ -102,29 +124,39 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layouts", default="all", help="comma-separated indices, or 'all'")
     parser.add_argument("--malloc", action="store_true", help="add the MALLOC_MMAP_THRESHOLD_ run")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="fraction of each layout's leaves (0.25: 256 MiB)"
+    )
+    parser.add_argument(
+        "--baseline", default=None, help="a checkout of another jlora: adds its merge as a mode"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     root = pathlib.Path(args.dir)
     names = list(LAYOUTS)
     if args.layouts != "all":
         names = [names[int(i)] for i in args.layouts.split(",")]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}  # this checkout's jlora
     me = str(pathlib.Path(__file__).resolve())
     lines = []
     loads = [os.getloadavg()[0]]
     try:
         for name in names:
             dtype, leaves, shape = LAYOUTS[name]
+            leaves = max(1, round(leaves * args.scale))
             work = root / name.split(",")[0] / str(leaves)
             work.mkdir(parents=True, exist_ok=True)
             print(f"preparing {name}", file=sys.stderr, flush=True)
             spec = json.dumps([dtype, leaves, list(shape)])
             subprocess.run([sys.executable, me, "--prepare", str(work), spec], env=env, check=True)
             modes = ["orbax", "merge", "merge + progress"] + [MALLOC] * args.malloc
+            modes += [BEFORE] * bool(args.baseline)
             results: dict[str, list[dict]] = {mode: [] for mode in modes}
             for _ in range(args.rounds):
                 for mode in results:
                     extra = {"MALLOC_MMAP_THRESHOLD_": "1048576"} if mode == MALLOC else {}
+                    if mode == BEFORE:
+                        extra = {"PYTHONPATH": str(pathlib.Path(args.baseline).resolve())}
                     done = subprocess.run(
                         [sys.executable, me, "--run", str(work), mode],
                         env={**env, **extra}, check=True, capture_output=True, text=True,
@@ -132,13 +164,15 @@ def main() -> None:
                     results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
                     print(f"  {mode}: {results[mode][-1]}", file=sys.stderr, flush=True)
             orbax_s = statistics.median(r["seconds"] for r in results["orbax"])
+            orbax_cpu = statistics.median(r["cpu"] for r in results["orbax"])
             for mode, rs in results.items():
                 s = statistics.median(r["seconds"] for r in rs)
+                cpu = statistics.median(r["cpu"] for r in rs)
                 nbytes = rs[0]["bytes"]
                 rss = max(r["peak_rss"] for r in rs)
                 lines.append(
-                    f"| {name} | {mode} | {s:.2f} | {nbytes / s / 1e6:.0f} | {orbax_s / s:.2f} | "
-                    f"{rss / 2**20:.0f} |"
+                    f"| {name} | {mode} | {s:.2f} | {cpu:.2f} | {nbytes / s / 1e6:.0f} | "
+                    f"{orbax_s / s:.2f} | {orbax_cpu / cpu:.2f} | {rss / 2**20:.0f} |"
                 )
             shutil.rmtree(work)
             loads.append(os.getloadavg()[0])
@@ -150,12 +184,14 @@ def main() -> None:
     report = "\n".join(
         [
             f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}; {os.cpu_count()} cores; "
-            f"disk {root}; median of {args.rounds} alternating rounds, each in a fresh process; "
+            f"disk {root}; --scale {args.scale:g} of each layout's leaves; median of "
+            f"{args.rounds} alternating rounds, each in a fresh process; "
             f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} (start, after each "
             "layout).",
             "",
-            "| layout | what | seconds | MB/s | x orbax speed | peak RSS MiB |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "| layout | what | wall s | CPU s | MB/s (wall) | x orbax (wall) | x orbax (CPU) | "
+            "peak RSS MiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
             *lines,
         ]
     )

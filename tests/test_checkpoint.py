@@ -586,3 +586,65 @@ def test_command_line_merge_resident_memory_stays_far_below_the_model(tmp_path):
         [sys.executable, "-m", "jlora", "merge", "--help"], env=env, cwd=ROOT, capture_output=True
     )
     assert b"--overwrite" in help_text.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_disk_merge_kernel_is_bit_equal_to_jlora_merge(dtype):
+    # The on-disk merge forms the delta with merge's own code and adds and rounds in one jitted
+    # pass; canonical, transposed and stacked layouts, with and without the finite check.
+    from jlora._merge import adapter_tables
+    from jlora.checkpoint._leaf_merge import merge_leaf
+
+    rng = np.random.default_rng(7)
+    for shape, layout in [((257, 77), "io"), ((64, 48), "oi"), ((4, 16, 24), "sio")]:
+        w = np.asarray(jnp.asarray(rng.standard_normal(shape, np.float32), dtype))
+        config = LoraConfig(targets="w", rank=8, alpha=16.0, layouts={"w": layout})
+        adapters = jlora.init(jax.random.key(1), {"w": w}, config)
+        adapters = jax.tree.map(
+            lambda x: x + jnp.asarray(rng.standard_normal(x.shape), x.dtype) * 0.3, adapters
+        )
+        want = np.asarray(jlora.merge({"w": jnp.asarray(w)}, adapters)["w"])
+        factors = adapter_tables(adapters)[0]["w"]
+        for check in (True, False):
+            got = np.asarray(merge_leaf("w", w, factors, check_finite=check))
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_disk_merge_kernel_counts_new_overflow_and_ignores_the_bases_own_nan():
+    from jlora._errors import NonFiniteError
+    from jlora.checkpoint._leaf_merge import merge_leaf
+
+    w = np.zeros((40, 10), jnp.bfloat16)
+    a = np.zeros((40, 1), np.float32)
+    a[37, 0] = 1e30  # overflows bfloat16 only in row 37
+    factors = jlora.LoraFactors(a, np.full((1, 10), 1e10, np.float32), 1.0, jlora.Layout(1, 1))
+    with pytest.raises(NonFiniteError, match=r"w: merging gives 10 NaN or infinite values"):
+        merge_leaf("w", w, factors, check_finite=True)
+    w[37] = np.nan  # NaN already in the base: nothing new, so nothing is refused
+    out = np.asarray(merge_leaf("w", w, factors, check_finite=True))
+    assert np.isnan(out[37].astype(np.float32)).all()
+    assert not np.isnan(out[:37].astype(np.float32)).any()
+
+
+def test_restore_names_a_record_that_disagrees_with_the_arrays(tmp_path):
+    # The arrays of a rank-4 save under the record of a rank-2 one: the record is compared with
+    # orbax's metadata before any array is read, and the first differing key is named.
+    import shutil
+
+    from jlora._errors import DamagedCheckpointError
+
+    params = {"w": jnp.ones((8, 6))}
+    saved = {}
+    for rank in (2, 4):
+        config = LoraConfig(targets="w", rank=rank)
+        adapters = jlora.init(jax.random.key(rank), params, config)
+        saved[rank] = checkpoint.save(tmp_path / f"r{rank}", adapters, config)
+    shutil.rmtree(tmp_path / "r2" / "adapters")
+    shutil.copytree(tmp_path / "r4" / "adapters", tmp_path / "r2" / "adapters")
+    with pytest.raises(
+        DamagedCheckpointError,
+        match=r"its record \(jlora/metadata\) gives w/a shape \(8, 2\) float32 but its arrays "
+        r"hold shape \(8, 4\) float32; the record and the arrays come from different saves",
+    ):
+        checkpoint.restore(tmp_path / "r2")

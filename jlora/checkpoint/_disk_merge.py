@@ -14,8 +14,9 @@ a PyTree checkpoint like the one ``ocp.StandardCheckpointer().save`` writes:
 the base of a further merge.
 
 Peak host memory is about one group (``group_bytes``, or the largest leaf if bigger) plus the
-float32 work of merging one leaf. Merged leaves are computed by :func:`jlora.merge` itself, one
-leaf at a time, so they equal the in-memory merge bit for bit. The resident size also depends on
+float32 work of merging one leaf (its float32 delta). Merged leaves get their delta from
+:func:`jlora.merge`'s own code and the rounded sum from NumPy (``_leaf_merge``), so they equal the
+in-memory merge bit for bit. The resident size also depends on
 the allocator: glibc keeps freed buffers of up to 32 MiB in its heap once its adaptive mmap
 threshold has risen, so a long merge can hold several hundred MiB it no longer uses. Run with
 ``MALLOC_MMAP_THRESHOLD_=1048576`` (the ``jlora merge`` command line sets this itself) to return
@@ -25,10 +26,9 @@ them at once.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,15 +37,24 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from .. import _atomic, _checks, _digest, _dirs
-from .._errors import DamagedCheckpointError, NonFiniteError
 from .._merge import adapter_tables, merge
-from .._paths import key_to_str, nest
+from .._paths import nest
 from . import _base
-from ._adapters import RECORD, PathLike, saved_record
+from ._adapters import PathLike, saved_record
+from ._leaf_io import _finalize as _finalize
+from ._leaf_io import _groups as _groups
+from ._leaf_io import _Leaf as _Leaf
+from ._leaf_io import _leaves as _leaves
+from ._leaf_io import _only_pytree as _only_pytree
+from ._leaf_io import _pytree_dir as _pytree_dir
+from ._leaf_io import _read_group as _read_group
+from ._leaf_io import _write_failed as _write_failed
+from ._leaf_io import _write_group as _write_group
+from ._leaf_merge import check_merged as _check_merged
+from ._leaf_merge import merge_leaf, supported
 from ._restore import restore
 
 DEFAULT_GROUP_BYTES = 2**27
-_METADATA = "_METADATA"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,156 +96,6 @@ def _human(n: int) -> str:
     raise AssertionError  # unreachable
 
 
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-    keys: tuple[str, ...]
-    path: str
-    meta: Any
-    nbytes: int
-
-    @property
-    def is_array(self) -> bool:
-        return isinstance(self.meta, ocp.metadata.ArrayMetadata) and not isinstance(
-            self.meta, ocp.metadata.ScalarMetadata
-        )
-
-
-def _pytree_dir(base: epath.Path) -> epath.Path:
-    if not base.is_dir():
-        what = "is a file" if _dirs.lexists(base) else "no such directory"
-        raise FileNotFoundError(f"base {base}: {what}; expected an orbax checkpoint directory")
-    if (base / "adapter_config.json").is_file():
-        raise ValueError(
-            f"base {base} is a PEFT adapter; expected the base model's orbax PyTree checkpoint "
-            "(load PEFT adapters with jlora.peft.load, then save them with jlora.checkpoint.save "
-            "to merge on disk)"
-        )
-    if (base / RECORD).is_dir():
-        raise ValueError(
-            f"base {base} is a jlora adapter checkpoint; expected the base model's orbax PyTree "
-            "checkpoint (pass the adapters as the adapter checkpoint)"
-        )
-    if (base / _METADATA).exists():
-        return base
-    found = sorted(c for c in base.iterdir() if c.is_dir() and (c / _METADATA).exists())
-    if len(found) == 1:
-        return found[0]
-    raise ValueError(
-        f"base {base}: expected an orbax PyTree checkpoint (a directory holding {_METADATA}, or a "
-        f"checkpoint with exactly one PyTree item) but found PyTree items "
-        f"{[c.name for c in found]}; pass the item's directory, e.g. {base}/<item>"
-    )
-
-
-def _leaves(pytree_dir: epath.Path) -> list[_Leaf]:
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        metadata = handler.metadata(pytree_dir)
-    except Exception as e:
-        raise _damaged(pytree_dir, "its metadata (_METADATA) cannot be read", e) from None
-    finally:
-        handler.close()
-    tree = getattr(metadata, "tree", metadata)
-    out = []
-    for key_path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not all(isinstance(k, jax.tree_util.DictKey) for k in key_path):
-            raise ValueError(
-                f"base {pytree_dir}: {'/'.join(map(key_to_str, key_path))} sits under a list or "
-                "tuple node; merge_checkpoint supports parameter trees of nested dicts (what Flax "
-                "saves)"
-            )
-        keys = tuple(str(k.key) for k in key_path)
-        leaf = _Leaf(keys, "/".join(keys), meta, 0)
-        if leaf.is_array:
-            nbytes = math.prod(meta.shape) * np.dtype(meta.dtype).itemsize
-            leaf = dataclasses.replace(leaf, nbytes=nbytes)
-        out.append(leaf)
-    return out
-
-
-def _groups(leaves: list[_Leaf], group_bytes: int) -> Iterator[list[_Leaf]]:
-    group: list[_Leaf] = []
-    size = 0
-    for leaf in leaves:
-        if group and size + leaf.nbytes > group_bytes:
-            yield group
-            group, size = [], 0
-        group.append(leaf)
-        size += leaf.nbytes
-    if group:
-        yield group
-
-
-def _read_group(
-    handler: ocp.PyTreeCheckpointHandler, pytree_dir: epath.Path, group: list[_Leaf]
-) -> dict[str, Any]:
-    """The values of ``group``'s leaves, ``{path: numpy array or scalar}``, read from disk."""
-    item, args = {}, {}
-    for leaf in group:
-        if leaf.is_array:
-            # A zero-strided view: the shape and dtype of the leaf without allocating it.
-            item[leaf.path] = np.broadcast_to(np.zeros((), leaf.meta.dtype), leaf.meta.shape)
-            args[leaf.path] = ocp.RestoreArgs(restore_type=np.ndarray)
-        else:
-            item[leaf.path], args[leaf.path] = 0, ocp.RestoreArgs()
-    try:
-        restored = handler.restore(
-            pytree_dir,
-            args=ocp.args.PyTreeRestore(
-                item=nest(item), restore_args=nest(args), partial_restore=True
-            ),
-        )
-    except Exception as e:
-        what = f"leaves {group[0].path} .. {group[-1].path} cannot be read"
-        raise _damaged(pytree_dir, what, e) from None
-    values = {}
-    for leaf in group:
-        node = restored
-        for key in leaf.keys:
-            node = node[key]
-        values[leaf.path] = node
-    return values
-
-
-def _damaged(where: epath.Path, what: str, e: BaseException) -> DamagedCheckpointError:
-    lines = str(e).strip().splitlines()
-    line = lines[0][:200] if lines else ""
-    return DamagedCheckpointError(
-        f"the checkpoint at {where} is damaged: {what} ({type(e).__name__}: {line}). A file is "
-        "missing, truncated or corrupt; use an intact copy of the base checkpoint"
-    )
-
-
-def _write_failed(scratch: epath.Path, out: epath.Path, e: BaseException) -> OSError:
-    lines = str(e).strip().splitlines()
-    line = lines[0][:200] if lines else ""
-    return OSError(
-        f"writing the merged checkpoint failed ({type(e).__name__}: {line}); the partial "
-        f"checkpoint in {scratch} was removed and {out} was not touched. Is the disk full? Free "
-        "space (the merged checkpoint is as large as the base) and merge again"
-    )
-
-
-def _partial_api() -> Any:
-    try:
-        from orbax.checkpoint.experimental.v1 import partial
-    except ImportError as e:  # pragma: no cover - depends on the installed orbax
-        raise ImportError(
-            "merge_checkpoint writes with orbax's partial saving "
-            "(orbax.checkpoint.experimental.v1.partial), which this orbax-checkpoint lacks; "
-            "upgrade orbax-checkpoint"
-        ) from e
-    return partial
-
-
-def _write_group(target: epath.Path, values: dict[str, Any]) -> None:
-    _partial_api().save(target, nest(values))
-
-
-def _finalize(target: epath.Path) -> None:
-    _partial_api().finalize(target)
-
-
 def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[int], Any], Callable[[], Any]]:
     if enabled:
         try:
@@ -266,9 +125,9 @@ def merge_checkpoint(
 
     The base is read and the result written a group of leaves at a time (at most ``group_bytes``
     of base leaves, or one leaf if it is larger), so host memory stays near the largest leaf, not
-    the model. Each adapted leaf is computed by :func:`jlora.merge`, so the output equals the
-    in-memory ``jlora.merge(base, adapters)`` bit for bit (a trainable extra's leaf is the extra's
-    saved value); other leaves are copied.
+    the model. Each adapted leaf is computed as :func:`jlora.merge` computes it, so the output
+    equals the in-memory ``jlora.merge(base, adapters)`` bit for bit (a trainable extra's leaf is
+    the extra's saved value); other leaves are copied.
 
     The new checkpoint is assembled in a scratch directory next to ``out_dir`` and renamed into
     place only when complete: a failure leaves ``out_dir`` (and the inputs) as they were, and a
@@ -370,7 +229,12 @@ def merge_checkpoint(
                 factors = table.get(leaf.path, extras.get(leaf.path))
                 if factors is None:
                     copied += 1
-                else:
+                elif supported(value, factors):
+                    values[leaf.path] = merge_leaf(
+                        leaf.path, value, factors, check_finite=check_finite
+                    )
+                    merged += 1
+                else:  # a trainable extra, or a dtype merge_leaf leaves to jlora.merge
                     one = merge(nest({leaf.path: value}), nest({leaf.path: factors}))
                     values[leaf.path] = np.asarray(jax.tree_util.tree_leaves(one)[0])
                     if check_finite:
@@ -427,25 +291,3 @@ def recover_merge(out_dir: PathLike) -> list[str]:
         []
     """
     return _atomic.recover(_dirs.absolute(_checks.path(out_dir, "out_dir")))
-
-
-def _check_merged(path: str, merged: np.ndarray, base: Any) -> None:
-    bad = _digest.count_new_nonfinite(merged, base)
-    if bad:
-        raise NonFiniteError(
-            f"{path}: merging gives {bad} NaN or infinite values where the base weight is finite "
-            f"(dtype {merged.dtype}: W0 + scale * a @ b overflows it, or the factors are huge); "
-            "nothing was written. Check the adapters, or pass check_finite=False (--no-check-finite) "
-            "to write them anyway"
-        )
-
-
-def _only_pytree(target: epath.Path) -> epath.Path:
-    found = [d for d in target.iterdir() if d.is_dir() and (d / "_METADATA").exists()]
-    if len(found) != 1:
-        raise RuntimeError(
-            f"{target}: orbax's partial save wrote {sorted(d.name for d in found)} PyTree "
-            "directories, expected one; this orbax-checkpoint version lays checkpoints out "
-            "differently from those jlora was tested with"
-        )
-    return found[0]

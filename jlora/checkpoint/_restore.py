@@ -14,11 +14,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from .. import _checks, _digest, _dirs
+from .. import _checks, _dirs
 from .._config import LoraConfig
-from .._errors import AdapterMismatchError, DamagedCheckpointError, NonFiniteError
+from .._errors import AdapterMismatchError, DamagedCheckpointError
 from .._extras import Trainable
 from .._factors import LoraFactors, with_boxes
 from .._merge import adapter_tables
@@ -27,6 +26,7 @@ from . import _base
 from . import _format as fmt
 from . import _magnitudes as mag
 from ._adapters import ARRAYS, PathLike, first_line, read_record, resolve
+from ._array_checks import _check_array_metadata, _verify
 
 
 def _sharding_table(
@@ -293,79 +293,6 @@ def _boxed(adapters: Any, target: Any, base: Any, table: dict[str, LoraFactors])
     flat, treedef = jax.tree_util.tree_flatten_with_path(adapters)
     leaves = [boxes[k].replace_boxed(x) if (k := path_to_str(p)) in boxes else x for p, x in flat]
     return treedef.unflatten(leaves)
-
-
-def _check_array_metadata(
-    path: epath.Path,
-    records: dict[str, fmt.AdapterRecord],
-    extra_records: dict[str, fmt.ExtraRecord],
-    magnitudes: dict[str, fmt.ExtraRecord],
-) -> None:
-    """Compares the record with orbax's own metadata of the arrays before reading any data."""
-    failure = None
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        metadata = handler.metadata(path / ARRAYS)
-        found = {
-            p: (tuple(m.shape), fmt.dtype_name(m.dtype))
-            for p, m in leaves_with_paths(getattr(metadata, "tree", metadata))
-        }
-    except Exception as e:
-        failure = f"{type(e).__name__}: {first_line(e)}"
-    finally:
-        handler.close()
-    if failure is not None:
-        raise DamagedCheckpointError(
-            f"the checkpoint at {path} is damaged: the metadata of its arrays ({path / ARRAYS}) "
-            f"cannot be read ({failure}). Restore an intact copy, or save the adapters again"
-        )
-    expected = {f"{p}/{n}": (getattr(r, f"{n}_shape"), getattr(r, f"{n}_dtype"))
-                for p, r in records.items() for n in ("a", "b")}  # fmt: skip
-    expected.update({p: (r.shape, r.dtype) for p, r in extra_records.items()})
-    expected.update({f"{p}/m": (r.shape, r.dtype) for p, r in magnitudes.items()})
-    for key in [*expected, *found]:
-        if expected.get(key) != found.get(key):
-
-            def show(entry: Any) -> str:
-                return "nothing" if entry is None else f"shape {entry[0]} {entry[1]}"
-
-            raise DamagedCheckpointError(
-                f"the checkpoint at {path} is damaged: its record (jlora/metadata) gives {key} "
-                f"{show(expected.get(key))} but its arrays hold {show(found.get(key))}; the "
-                "record and the arrays come from different saves. Restore an intact copy, or save "
-                "the adapters again"
-            )
-
-
-def _verify(
-    path: epath.Path,
-    flat: dict[str, Any],
-    records: dict[str, fmt.AdapterRecord],
-    extra_records: dict[str, fmt.ExtraRecord],
-    digests: dict[str, dict[str, str]],
-    check_finite: bool,
-    magnitudes: dict[str, fmt.ExtraRecord],
-) -> None:
-    """Checks restored arrays against their recorded digests, and (optionally) for NaN/Inf."""
-    keys = [(p, n, f"{p}/{n}") for p in records for n in ("a", "b")]
-    keys += [(p, "m", f"{p}/m") for p in magnitudes]
-    keys += [(p, "value", p) for p in extra_records]
-    for p, name, key in keys:
-        expected = digests.get(p, {}).get(name)
-        if expected is not None and _digest.array_digest(flat[key]) != expected:
-            raise DamagedCheckpointError(
-                f"the checkpoint at {path} is damaged: {key} differs from the SHA-256 digest "
-                "recorded when it was saved (orbax checksums its index, not the array data). "
-                "Restore an intact copy, or save the adapters again"
-            )
-        if check_finite:
-            bad = _digest.count_nonfinite(flat[key])
-            if bad:
-                raise NonFiniteError(
-                    f"{key}: the checkpoint at {path} holds {bad} NaN or infinite values here; "
-                    "merging would put NaN/Inf into the model. Were they saved from a diverged "
-                    "run? Pass check_finite=False to restore them anyway"
-                )
 
 
 def _single_device_sharding(device: jax.Device) -> jax.sharding.Sharding:
