@@ -33,9 +33,10 @@ attend branches tag that input (after dropout) ``jax.ad_checkpoint.checkpoint_na
 (``LORA_INPUT``), for remat policies that select by name (``save_only_these_names``, the offloading
 policies). A policy cannot drop it by name alone: the array before the tag (a LayerNorm's or GELU's
 output) is the same value and stays saveable. To trade time for memory, recompute whole blocks
-instead (``nn.remat`` / ``jax.checkpoint`` around each block, e.g. with
-``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), which recomputes the adapters'
-inputs with the rest of the block.
+instead: the blocks under ``nn.scan`` / ``nnx.scan``, each under ``nn.remat`` / ``nnx.remat`` with
+``jlora.remat_policy()``, which keeps the base's projections and the rank-``r`` ``x a`` and
+recomputes the adapters' inputs with the rest of the block (a Python loop of rematted blocks does
+not lower the peak on XLA:CPU, which drops the barriers that order the recomputation).
 """
 
 from __future__ import annotations

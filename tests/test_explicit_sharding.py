@@ -396,8 +396,10 @@ def _specs(params):
 
 @pytest.mark.parametrize(
     "mode",
-    # Auto axes run the sharded step of tests/test_sharded_step.py under jax.set_mesh: slow only.
-    ["explicit", pytest.param("auto", marks=pytest.mark.slow)],
+    # Slow only: auto axes run the sharded step of tests/test_sharded_step.py under jax.set_mesh;
+    # the explicit step's fast twins are test_dense_branch_under_explicit_axes[fsdp_tp-jit] (the
+    # layer) and tests/test_nnx_sharding.py's explicit optimizer step (the whole step).
+    [pytest.param(m, marks=pytest.mark.slow) for m in ("explicit", "auto")],
 )
 def test_linen_lora_step_on_an_fsdp_tp_decoder(mode):
     params, (x, y), start, want_logits, (want, want_losses) = _reference()

@@ -105,7 +105,10 @@ def _float_shapes(hlo, model):
     return [f"f32[{','.join(map(str, w.shape))}]" in hlo for w in weights]
 
 
-@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
+# Slow: the block-wise kernels are the Linen ones, checked fast by tests/test_quant_layers.py and
+# (no float copy in the step's HLO) tests/test_quant_product.py; this checks the NNX wrappers.
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_embed_conv_einsum_over_quantised_weights_equal_the_dequantised(kind):
     config = jlora.LoraConfig(targets=[".*kernel", ".*embedding"], rank=3)
     quantized = jq.quantize_nnx(Layers(nnx.Rngs(0)), config, kind=kind)  # layouts from the layers

@@ -69,6 +69,7 @@ def _mlp():
     return model, params, x, y
 
 
+@pytest.mark.slow  # fast twin: test_nnx_user_trains_adalora_through_to_state (the same schedule)
 def test_linen_user_trains_adalora_and_exports_plain_lora():
     model, params, x, y = _mlp()
     config = jlora.LoraConfig(targets=".*kernel", rank=RANK)
