@@ -363,6 +363,16 @@ def _mixed_params():
     return params
 
 
+def test_merge_checkpoint_names_a_missing_or_file_base(tmp_path):
+    params = _params()
+    checkpoint.save(tmp_path / "adapter", _adapters(params), CONFIG)
+    (tmp_path / "afile").write_text("not a checkpoint")
+    for base, what in [("missing", "no such directory"), ("afile", "is a file")]:
+        with pytest.raises(FileNotFoundError, match=rf"base {tmp_path / base}: {what}; expected"):
+            checkpoint.merge_checkpoint(tmp_path / base, tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_checkpoint_equals_the_in_memory_merge_bit_for_bit(tmp_path):
     params = _mixed_params()
     adapters = _adapters(params)

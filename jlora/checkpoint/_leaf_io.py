@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from .. import _dirs
 from .._errors import DamagedCheckpointError
 from .._paths import key_to_str, nest
 from ._adapters import RECORD

@@ -14,6 +14,7 @@ from .._config import LoraConfig
 from .._errors import PeftFormatError
 from .._merge import adapter_tables
 from . import _adapter_config, _dora, _extras, _files
+from ._files import Kind
 from ._names import path_to_module
 
 
