@@ -54,6 +54,25 @@ def bernoulli_mask(rng, rate, shape):
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
 
 
+def strided_mask(rng, rate, shape):
+    """Session 5's mask: the same hashes and pieces, entry j of a row taking piece j // w of hash
+    j % w (w hashes a row) instead of piece j % 4 of hash j // 4; its unpacking did not vectorise."""
+    lead, last = shape[:-1], shape[-1]
+    words = -(-last // 4)
+    hi, lo = _mask._counters((*lead, words))
+    k1, k2 = jax.random.bits(rng, (2,), jnp.uint32)
+    w1, w2 = _mask.threefry2x32(k1, k2, hi, lo)
+    t = _mask.threshold(rate)
+    packed = jnp.zeros(w1.shape, jnp.uint32)
+    for i, piece in enumerate(w >> jnp.uint32(16 * j) for w in (w1, w2) for j in range(2)):
+        packed = packed | ((piece & jnp.uint32(0xFFFF)) < t).astype(jnp.uint32) << jnp.uint32(i)
+    packed = packed % jnp.uint32(17)
+    shift = jax.lax.broadcasted_iota(jnp.uint32, (*lead, 4, words), len(lead))
+    bits = (jnp.broadcast_to(packed[..., None, :], shift.shape) >> shift) & jnp.uint32(1)
+    keep = bits.reshape(*lead, 4 * words) != 0
+    return keep[..., :last]
+
+
 def no_hash_mask(rng, rate, shape):
     """Diagnostic only: keep bits from ``counter * key`` (not independent draws; never use)."""
     k = jax.random.bits(rng, (), jnp.uint32)
@@ -109,7 +128,7 @@ def cases(size: Size) -> list[JaxCase]:
             JaxCase(f"{label}: dropout {RATE}", dropout_step(dropped, tx), args, carry=2,
                     loss_index=2)
         )
-        variants = {"bernoulli": bernoulli_mask}
+        variants = {"bernoulli": bernoulli_mask, "session 5 layout": strided_mask}
         if label == "all linear":
             variants["no hash"] = no_hash_mask
         for name, mask in variants.items():

@@ -17,15 +17,18 @@ below ``2**-17`` therefore keep every element.
 key implementation, typed or raw), so the mask is a pure function of that key and the shape, the
 same on every backend (Threefry is computed by the same integer program everywhere), and unrelated
 to other draws from the same key. A row of ``n`` entries (the last axis) uses ``w = ceil(n / 4)``
-hashes; entry ``j`` takes 16-bit piece ``j // w`` (low then high half of the first word, then of
-the second) of hash ``j % w``. The hash of row entry ``j`` is counter ``(hi, lo)`` = (the index
-along the first axis, the row-major index of ``(other leading axes, j % w)``), laid out in the
-input's shape, so sharding the leading axes partitions the hash.
+hashes; entry ``j`` takes 16-bit piece ``j % 4`` (low then high half of the first word, then of
+the second) of hash ``j // 4``. The hash of row entry ``j`` is counter ``(hi, lo)`` = (the index
+along the first axis, the row-major index of ``(other leading axes, j // 4)``), laid out in the
+input's shape, so sharding the leading axes partitions the hash. (Until session 6 entry ``j``
+took piece ``j // w`` of hash ``j % w``: the same distribution, other bits; XLA:CPU did not
+vectorise unpacking that layout in the fused passes that read the mask.)
 
 **Once per hash.** XLA fuses elementwise producers into every consumer; left alone it would
 recompute the hash for each of the four entries that read it (and again in the backward pass). The
 four keep bits are packed into one word behind an integer remainder that XLA treats as expensive,
-so each hash runs once and the forward and backward passes read the packed words.
+so each hash runs once and the forward and backward passes read the packed words; entry ``j``
+reads bit ``j % 4`` of word ``j // 4``, a pattern XLA:CPU vectorises inside those passes.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ def keep_mask(rng: jax.Array, rate: float | jax.Array, shape: tuple[int, ...]) -
     if not shape:
         return keep_mask(rng, rate, (1,)).reshape(())
     lead, last = shape[:-1], shape[-1]
-    words = -(-last // _PER_HASH)  # hashes per row; entry j of a row is piece j // words of hash
-    if math.prod((*lead, words)[1:]) >= 2**32:  # hash j % words
+    words = -(-last // _PER_HASH)  # hashes per row; entry j of a row is piece j % 4 of hash
+    if math.prod((*lead, words)[1:]) >= 2**32:  # j // 4
         raise ValueError(
             f"LoRA dropout: the input's shape {shape} has more than 2**34 entries per index of its "
             "first axis, more than the mask's counters address; reshape it so that the first axis "
@@ -70,9 +73,11 @@ def keep_mask(rng: jax.Array, rate: float | jax.Array, shape: tuple[int, ...]) -
     # A no-op (packed < 16) that XLA counts as expensive: it will not then copy the hash into each
     # of the four entries that read this word, so the hash runs once per word, not once per entry.
     packed = packed % np.uint32(17)
-    shift = jax.lax.broadcasted_iota(jnp.uint32, (*lead, _PER_HASH, words), len(lead))
-    bits = (jnp.broadcast_to(packed[..., None, :], shift.shape) >> shift) & np.uint32(1)
-    keep = bits.reshape(*lead, _PER_HASH * words) != 0
+    # Entry j of a row reads bit j % 4 of word j // 4: XLA:CPU vectorises that unpacking in the
+    # fused passes that read it; it did not for bit j // words of word j % words.
+    shift = jax.lax.broadcasted_iota(jnp.uint32, (*lead, words, _PER_HASH), len(lead) + 1)
+    bits = (jnp.broadcast_to(packed[..., None], shift.shape) >> shift) & np.uint32(1)
+    keep = bits.reshape(*lead, words * _PER_HASH) != 0
     return keep[..., :last] if keep.shape[-1] != last else keep
 
 

@@ -51,7 +51,7 @@ def test_inverted_scaling_is_exact():
 
 
 def test_mask_is_the_documented_threefry_construction():
-    """Entry j of a row: 16-bit piece j // w of the hash j % w, w = ceil(n / 4) hashes a row,
+    """Entry j of a row: 16-bit piece j % 4 of the hash j // 4, w = ceil(n / 4) hashes a row,
     counter (first-axis index, row-major index of the rest); threshold round((1-rate) 2**16)."""
     key, rate, shape = jax.random.key(42), 0.3, (3, 5, 10)
     w = 3
@@ -63,7 +63,7 @@ def test_mask_is_the_documented_threefry_construction():
     t = round((1 - rate) * 2**16)
     want = np.empty(shape, bool)
     for j in range(shape[-1]):
-        want[..., j] = pieces[j // w][..., j % w] < t
+        want[..., j] = pieces[j % 4][..., j // 4] < t
     np.testing.assert_array_equal(_keep(rate, key, shape), want)
     # The same mask under jit, and for raw uint32 key data of the same key.
     jitted = jax.jit(lambda k: ops.dropout(jnp.ones(shape), rate, k) != 0)(key)
@@ -96,7 +96,8 @@ def test_entries_sharing_a_hash_or_a_row_are_independent():
     rate, shape = 0.5, (2048, 64)  # w = 16 hashes a row
     keep = _keep(rate, jax.random.key(5), shape)
     p = 0.5
-    for lag, what in ((16, "same hash, next piece"), (1, "neighbours"), (32, "same hash, word 2")):
+    lags = ((1, "same hash, next piece"), (2, "same hash, word 2"), (4, "next hash, same piece"))
+    for lag, what in (*lags, (16, "hashes 4 apart")):
         both = (keep[:, :-lag] & keep[:, lag:]).sum()
         _within_binomial(both, keep[:, lag:].size, p * p, what)
     rows = keep.mean(axis=0)  # every column keeps at rate p: no column pattern
