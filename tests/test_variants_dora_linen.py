@@ -199,3 +199,21 @@ def test_densegeneral_with_batch_dims_is_refused_by_path():
     m = {"kernel": jnp.ones((3, 5))}
     with pytest.raises(jlora.AdapterMismatchError, match=r"kernel: DoRA .* batch_dims"):
         adapted.apply(params, adapters, x, magnitudes=m)
+
+
+def test_summary_counts_the_magnitudes_by_hand():
+    _, adapted, params, adapters, x = _mlp()  # x: 10 features; up 24, mid 24, head 5; rank 3
+    m = dora_magnitudes(params, adapters)
+    got = adapted.summary(params, adapters, x, magnitudes=m)
+    rows = {r.path: (r.kind, r.params) for r in got.rows}
+    # a (fan_in, 3) + b (3, fan_out) + m (fan_out,)
+    assert rows == {
+        "up/kernel": ("nn.Dense", 10 * 3 + 3 * 24 + 24),
+        "mid/kernel": ("nn.Dense", 24 * 3 + 3 * 24 + 24),
+        "head/kernel": ("nn.Dense", 24 * 3 + 3 * 5 + 5),
+    }
+    assert got.trainable_params == 126 + 168 + 92
+    assert got.trainable_params == jlora.count_params(params, adapters, magnitudes=m).trainable
+    assert adapted.summary(params, adapters, x).trainable_params == 126 + 168 + 92 - (24 + 24 + 5)
+    with pytest.raises(jlora.AdapterMismatchError, match=r"head/bias: .* no factors"):
+        adapted.summary(params, adapters, x, magnitudes={**m, "head": {"bias": jnp.ones(5)}})

@@ -43,7 +43,6 @@ from . import _base
 from ._adapters import PathLike, saved_record
 from ._leaf_io import _finalize as _finalize
 from ._leaf_io import _groups as _groups
-from ._leaf_io import _Leaf as _Leaf
 from ._leaf_io import _leaves as _leaves
 from ._leaf_io import _only_pytree as _only_pytree
 from ._leaf_io import _pytree_dir as _pytree_dir

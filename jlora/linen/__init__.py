@@ -269,6 +269,7 @@ class LoraModel:
         variables: Mapping[str, Any] | None = None,
         rngs: Any = None,
         method: Any = None,
+        magnitudes: Any = None,
         **kwargs: Any,
     ) -> AdapterSummary:
         """A table of the adapted weights with their layer kinds (one abstract run of the model).
@@ -280,10 +281,15 @@ class LoraModel:
             variables: other collections.
             rngs: rng streams the example call needs.
             method: the method to run.
+            magnitudes: DoRA's magnitudes ``{weight path: m}``, as for :meth:`apply`; each is
+                trained, so it counts in its weight's row (as in :func:`jlora.count_params`).
             **kwargs: keyword inputs.
 
         Returns:
             A :class:`jlora.AdapterSummary`; ``print`` it.
+
+        Raises:
+            AdapterMismatchError: a magnitude has no factors at its path or does not fit them.
 
         Example:
             >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora.linen
@@ -291,10 +297,15 @@ class LoraModel:
             >>> x = jnp.ones((3, 6))
             >>> params = model.init(jax.random.key(0), x)["params"]
             >>> adapted = jlora.linen.lora(model, jlora.LoraConfig(targets="kernel", rank=2))
-            >>> print(adapted.summary(params, adapted.init_adapters(jax.random.key(1), params, x), x))
+            >>> adapters = adapted.init_adapters(jax.random.key(1), params, x)
+            >>> print(adapted.summary(params, adapters, x))
             path    kind      weight shape  rank  scale  params
             kernel  nn.Dense  (6, 4)           2      8      20
             trainable params: 20 of 28 in the base (71.43%)
+            >>> from jlora.variants import dora_magnitudes
+            >>> m = dora_magnitudes(params, adapters)
+            >>> adapted.summary(params, adapters, x, magnitudes=m).trainable_params  # + 4 of m
+            24
         """
         seen = self._trace(params, args, kwargs, variables, rngs, method).seen
         kinds = {
@@ -302,7 +313,7 @@ class LoraModel:
             for owner, module in seen.items()
             if module.kind is not None
         }
-        return summary(adapters, params, kinds=kinds)
+        return summary(adapters, params, kinds=kinds, magnitudes=magnitudes)
 
     def apply(
         self,

@@ -33,6 +33,7 @@ from .._paths import nest, path_to_str
 from ..checkpoint import _base
 from ..checkpoint import _disk_merge as dm
 from ..checkpoint._adapters import PathLike, saved_record
+from ..checkpoint._leaf_io import _Leaf
 from ..checkpoint._restore import restore
 from . import _store
 from ._merge import RequantizationError, merge
@@ -55,7 +56,7 @@ class _Unit:
     nbytes: int = 0  # on disk, for grouping
 
 
-def _units(like: Any, disk: dict[str, dm._Leaf], base: Any) -> list[_Unit]:
+def _units(like: Any, disk: dict[str, _Leaf], base: Any) -> list[_Unit]:
     units = []
     for key_path, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_q)[0]:
         path = path_to_str(key_path)
@@ -235,7 +236,7 @@ def merge_checkpoint(
     return (summary, report) if requantize else summary
 
 
-def _like(pytree_dir: Any, disk: dict[str, dm._Leaf], like: Any, base: Any) -> Any:
+def _like(pytree_dir: Any, disk: dict[str, _Leaf], like: Any, base: Any) -> Any:
     """The base's quantised structure: from its ``jlora_quant.json`` (checked against ``like``)."""
     stored = _store.read_metadata(pytree_dir)
     if stored is None:
