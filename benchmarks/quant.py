@@ -75,7 +75,7 @@ MIB = 2**20
 
 
 class MLP(nn.Module):
-    """``layers`` tanh Dense layers of ``width`` (the memory case of docs/design.md)."""
+    """``layers`` tanh Dense layers of ``width`` (the case of results/quant-memory-cpu.md)."""
 
     layers: int = 8
     width: int = 512
@@ -119,7 +119,7 @@ def temporaries(model, params, inputs, loss, config, route) -> tuple[float, floa
 
 
 def memory(args) -> None:
-    """The temporaries table of docs/design.md: whole vs block-wise dequantisation."""
+    """The temporaries table of results/quant-memory-cpu.md: whole vs block-wise dequantisation."""
     mlp = MLP()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 512)), jnp.float32)
     size = Size(vocab=512, d_model=args.d_model, heads=4, layers=args.layers, seq=args.seq,
