@@ -15,7 +15,7 @@ from .._merge import adapter_tables
 from ..variants._dora_layers import magnitude_table
 from ._dora import add_magnitudes
 from ._intercept import Applier, inject, strip, unused_reason
-from ._layers import LayerKind, custom_kind
+from ._layer_kind import LayerKind, custom_kind
 from ._reading import ModelReading
 
 

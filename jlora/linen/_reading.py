@@ -21,7 +21,7 @@ from .._paths import leaves_with_paths
 from .._summary import AdapterSummary, summary
 from .._targets import check_patterns, exact_config
 from ._intercept import Trace, join, trace, unused_reason
-from ._layers import custom_kind
+from ._layer_kind import custom_kind
 
 
 class ModelReading:
