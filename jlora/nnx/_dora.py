@@ -20,7 +20,8 @@ from .. import ops
 from .._errors import TargetError
 from .._factors import LoraFactors
 from ..quant._weight import QuantizedWeight
-from ..variants._dora import _merge_one, dora_magnitudes
+from ..variants._dora import dora_magnitudes
+from ..variants._dora_merge import _merge_one
 from ..variants._dora_layers import MAGNITUDE, combine, layer_ratio, lead
 from ._adapted import LoraParam, weight_of
 from ._kinds import _floating, factors_of, kind_of
