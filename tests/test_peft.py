@@ -430,7 +430,7 @@ def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(jlora.peft._files, "save_file", half_written)
+    monkeypatch.setattr(jlora.peft._file_writes, "save_file", half_written)
     with pytest.raises(OSError, match="disk full"):
         jpeft.save(tmp_path, _trained(params, seed=2), CONFIG)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before

@@ -19,7 +19,8 @@ from .. import ops
 from .._factors import LoraFactors
 from .._paths import unbox
 from ..variants._dora_layers import DORA_SUFFIX, combine, layer_ratio, lead, refuse
-from ._layers import LayerKind, _arg, _general_axes
+from ._layer_kind import LayerKind, _arg
+from ._layers import _general_axes
 
 SUPPORTED = "nn.Dense and nn.DenseGeneral (without batch_dims)"
 

@@ -35,15 +35,8 @@ from ..quant._layers import linen_base
 from ..quant._weight import QuantizedWeight
 from ..variants._dora_layers import DORA_SUFFIX
 from ._dora import dora_output
-from ._layers import (
-    SUPPORTED,
-    LayerKind,
-    Unsupported,
-    add_term,
-    kind_name,
-    kind_of,
-    owns_call,
-)
+from ._layer_kind import LayerKind, Unsupported
+from ._layers import SUPPORTED, add_term, kind_name, kind_of, owns_call
 
 SUFFIX = "@lora"
 _TRACES = itertools.count()

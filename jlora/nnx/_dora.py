@@ -20,8 +20,9 @@ from .. import ops
 from .._errors import TargetError
 from .._factors import LoraFactors
 from ..quant._weight import QuantizedWeight
-from ..variants._dora import _merge_one, dora_magnitudes
+from ..variants._dora import dora_magnitudes
 from ..variants._dora_layers import MAGNITUDE, combine, layer_ratio, lead
+from ..variants._dora_merge import _merge_one
 from ._adapted import LoraParam, weight_of
 from ._kinds import _floating, factors_of, kind_of
 from ._sharding import _like, new_factor, sharding_key

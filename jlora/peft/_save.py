@@ -13,7 +13,7 @@ from .. import _checks
 from .._config import LoraConfig
 from .._errors import PeftFormatError
 from .._merge import adapter_tables
-from . import _adapter_config, _dora, _extras, _files
+from . import _adapter_config, _dora, _extras, _file_writes, _files
 from ._files import Kind
 from ._names import path_to_module
 
@@ -185,4 +185,4 @@ def save(
         modules_to_save=modules_to_save,
         use_dora=dora is not None,
     )
-    _files.write_files(directory, tensors, data)
+    _file_writes.write_files(directory, tensors, data)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from .._errors import AdapterMismatchError, BankError
 from .._paths import leaves_with_paths, unbox
-from ..linen._layers import LayerKind, Unsupported, kind_of, owns_call
+from ..linen._layer_kind import LayerKind, Unsupported
+from ..linen._layers import kind_of, owns_call
 from ._bank import AdapterBank
 from ._mixed import STRATEGIES, attend_term, check_ids, dense_term, einsum_term, lookup_term
 from ._slots import BankFactors

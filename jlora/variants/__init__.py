@@ -33,8 +33,8 @@ from ._adalora import adalora_total_rank as adalora_total_rank
 from ._adalora import adalora_update_importance as adalora_update_importance
 from ._dora import dora_dense as dora_dense
 from ._dora import dora_magnitudes as dora_magnitudes
-from ._dora import dora_merge as dora_merge
-from ._dora import dora_unmerge as dora_unmerge
+from ._dora_merge import dora_merge as dora_merge
+from ._dora_merge import dora_unmerge as dora_unmerge
 from ._dora_nnx import dora_nnx as dora_nnx
 from ._dora_nnx import nnx_magnitudes as nnx_magnitudes
 from ._galore import GaloreState as GaloreState
