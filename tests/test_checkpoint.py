@@ -621,13 +621,26 @@ def test_disk_merge_kernel_is_bit_equal_to_jlora_merge(dtype):
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-def test_disk_merge_kernel_counts_new_overflow_and_ignores_the_bases_own_nan():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+@pytest.mark.parametrize("chunk", [7, 2**22])  # the scan for NaN/Inf: many chunks, or one
+def test_disk_merge_kernel_counts_new_overflow_and_ignores_the_bases_own_nan(
+    dtype, chunk, monkeypatch
+):
     from jlora._errors import NonFiniteError
+    from jlora.checkpoint import _leaf_merge
     from jlora.checkpoint._leaf_merge import merge_leaf
 
-    w = np.zeros((40, 10), jnp.bfloat16)
+    monkeypatch.setattr(_leaf_merge, "_CHUNK", chunk)
+    w = np.zeros((40, 10), jnp.dtype(dtype))
+    assert not _leaf_merge._any_nonfinite(w)
+    edge = np.full(9, jnp.finfo(dtype).max, w.dtype)  # the largest finite values, both signs
+    edge[1] = -edge[1]
+    assert not _leaf_merge._any_nonfinite(edge)
+    for bad in (-np.inf, np.inf, -np.nan):
+        edge[8] = bad
+        assert _leaf_merge._any_nonfinite(edge)
     a = np.zeros((40, 1), np.float32)
-    a[37, 0] = 1e30  # overflows bfloat16 only in row 37
+    a[37, 0] = 1e30  # 1e40 overflows each dtype (float32 too) only in row 37
     factors = jlora.LoraFactors(a, np.full((1, 10), 1e10, np.float32), 1.0, jlora.Layout(1, 1))
     with pytest.raises(NonFiniteError, match=r"w: merging gives 10 NaN or infinite values"):
         merge_leaf("w", w, factors, check_finite=True)
