@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -411,6 +412,52 @@ def test_merge_checkpoint_equals_the_in_memory_merge_bit_for_bit(tmp_path):
     checkpoint.merge_checkpoint(tmp_path / "out", tmp_path / "adapter2", tmp_path / "twice")
     twice = _load_merged(tmp_path / "twice")
     np.testing.assert_array_equal(twice["stacked"], jlora.merge(expected, adapters)["stacked"])
+
+
+@pytest.mark.parametrize("without_option", [False, True])  # True: orbax 0.12.0's capability
+def test_merge_writes_under_the_users_orbax_context_and_leaves_it_unchanged(
+    tmp_path, monkeypatch, without_option
+):
+    # The group writes skip orbax's copy of each NumPy array on jlora's own copy of the active
+    # context: the user's options are inherited (a timeout here) and never changed; an orbax
+    # without `deepcopy_host_arrays` keeps copying. Either way the output is merge's, bit for bit.
+    from jlora.checkpoint import _leaf_io
+
+    skip = _leaf_io._can_skip_host_copy(ocp_v1.Context().memory) and not without_option
+    if without_option:
+        monkeypatch.setattr(_leaf_io, "_can_skip_host_copy", lambda memory: False)
+    real, seen = _leaf_io._partial_api(), []
+
+    class Recording:
+        finalize = staticmethod(real.finalize)
+
+        @staticmethod
+        def save(target, tree):
+            active = _leaf_io._active_context()
+            copies = getattr(active.memory, "deepcopy_host_arrays", True)
+            seen.append((copies, active.asynchronous.timeout_secs))
+            real.save(target, tree)
+
+    monkeypatch.setattr(_leaf_io, "_partial_api", lambda: Recording)
+    params = _mixed_params()
+    adapters = _adapters(params)
+    _save_base(tmp_path / "base", params)
+    checkpoint.save(tmp_path / "adapter", adapters, CONFIG)
+    user = ocp_v1.Context()
+    user.asynchronous.timeout_secs = 77
+    memory, options = user.memory, dataclasses.asdict(user.memory)
+    with user:
+        checkpoint.merge_checkpoint(
+            tmp_path / "base", tmp_path / "adapter", tmp_path / "out", group_bytes=4096
+        )
+    assert len(seen) > 1 and set(seen) == {(not skip, 77)}
+    assert user.memory is memory and dataclasses.asdict(user.memory) == options
+    expected = dict(jlora._paths.leaves_with_paths(jlora.merge(params, adapters)))
+    for path, value in jlora._paths.leaves_with_paths(_load_merged(tmp_path / "out")):
+        if np.ndim(value):
+            np.testing.assert_array_equal(_bits(value), _bits(expected[path]), err_msg=path)
+        else:
+            assert value == expected[path], path
 
 
 def test_merge_holds_a_bounded_number_of_bytes_at_once(tmp_path, monkeypatch):
