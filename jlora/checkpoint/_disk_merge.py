@@ -37,10 +37,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from .. import _atomic, _checks, _digest, _dirs
-from .._merge import adapter_tables, merge
+from .._merge import merge
 from .._paths import nest
 from . import _base
-from ._adapters import PathLike, saved_record
+from ._adapters import PathLike
+from ._host_restore import restore_on_host
 from ._leaf_io import _finalize as _finalize
 from ._leaf_io import _groups as _groups
 from ._leaf_io import _leaves as _leaves
@@ -51,7 +52,6 @@ from ._leaf_io import _write_failed as _write_failed
 from ._leaf_io import _write_group as _write_group
 from ._leaf_merge import check_merged as _check_merged
 from ._leaf_merge import merge_leaf, supported
-from ._restore import restore
 
 DEFAULT_GROUP_BYTES = 2**27
 
@@ -204,9 +204,10 @@ def merge_checkpoint(
     pytree_dir = _pytree_dir(base)
     leaves = _leaves(pytree_dir)
     abstract_base = nest({leaf.path: leaf.meta for leaf in leaves if leaf.is_array})
-    adapters, _ = restore(adapter, step=adapter_step, base=abstract_base, check_finite=check_finite)
-    table, extras = adapter_tables(adapters)
-    saved_digests = saved_record(adapter, adapter_step).base_digests if base_digest else None
+    table, extras, record = restore_on_host(
+        adapter, step=adapter_step, base=abstract_base, check_finite=check_finite
+    )
+    saved_digests = record.base_digests if base_digest else None
 
     merged = copied = peak = 0
     update, close = _progress_bar(sum(leaf.nbytes for leaf in leaves), progress)
