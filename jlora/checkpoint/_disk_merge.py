@@ -14,10 +14,11 @@ a PyTree checkpoint like the one ``ocp.StandardCheckpointer().save`` writes:
 the base of a further merge.
 
 Peak host memory is about one group (``group_bytes``, or the largest leaf if bigger) plus the
-float32 work of merging one leaf (its float32 delta). Merged leaves get their delta from
-:func:`jlora.merge`'s own code and the rounded sum from NumPy (``_leaf_merge``), so they equal the
-in-memory merge bit for bit. The resident size also depends on
-the allocator: glibc keeps freed buffers of up to 32 MiB in its heap once its adaptive mmap
+work of merging one leaf: its float32 delta and the merged leaf (twice a float32 leaf, three
+times a bfloat16 one). The adapters are read once, onto the host (``_host_restore``). Merged
+leaves get their delta from :func:`jlora.merge`'s own code, in one jitted pass per leaf
+(``_leaf_merge``), so they equal the in-memory merge bit for bit. The resident size also depends
+on the allocator: glibc keeps freed buffers of up to 32 MiB in its heap once its adaptive mmap
 threshold has risen, so a long merge can hold several hundred MiB it no longer uses. Run with
 ``MALLOC_MMAP_THRESHOLD_=1048576`` (the ``jlora merge`` command line sets this itself) to return
 them at once.
