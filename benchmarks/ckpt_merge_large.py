@@ -16,9 +16,11 @@ subprocesses, alternating, ``--rounds`` times each:
 * ``merge, before`` (``--baseline DIR``): the merge of the jlora checked out at ``DIR`` (the
   ``jlora`` package's parent), to compare two versions in one run.
 
-Each subprocess reports its wall time, its CPU time (user + system, all threads) and peak RSS
-(``VmHWM``); the table gives medians, MB/s of array bytes and the ratios to orbax (speed: orbax's
-time over the mode's). Run it pinned (``taskset -c 1``) on a shared machine and read the CPU
+Each subprocess reports its wall time, its CPU time (user + system, all threads, imports
+included), its peak RSS (``VmHWM``) and how far the peak rose above the resident size once the
+runtime had started (``rise``; for a merge, less the largest group of base leaves it held: the
+part of the peak that is not the group); the table gives medians (the largest rise), MB/s of array
+bytes and the ratios to orbax (speed: orbax's time over the mode's). Run it pinned (``taskset -c 1``) on a shared machine and read the CPU
 ratios; the wall ones move with the load. Every file is removed at the end.
 """
 
@@ -48,10 +50,11 @@ BEFORE = "merge, before (--baseline)"
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _peak_rss() -> int:
+def _status(field: str) -> int:
+    """A size from ``/proc/self/status`` in bytes (``VmHWM``: peak resident, ``VmRSS``: now)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -79,20 +82,24 @@ def prepare(work: pathlib.Path, dtype: str, leaves: int, shape: tuple[int, int])
 
 
 def run(work: pathlib.Path, mode: str) -> dict:
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    import jlora.checkpoint
+
     out = work / "out"
     if out.exists():
         shutil.rmtree(out)
+    jnp.ones(3).block_until_ready()  # the runtime started: what every mode holds before its work
+    resident = _status("VmRSS")
     start = time.perf_counter()
+    group = 0
     if mode == "orbax":
-        import orbax.checkpoint as ocp
-
         with ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.restore(work / "base")
             checkpointer.save(out, tree)
         nbytes = sum(x.nbytes for x in __import__("jax").tree.leaves(tree))
     else:
-        import jlora.checkpoint
-
         with open(os.devnull, "w") as sink:
             stderr, sys.stderr = sys.stderr, sink
             try:
@@ -101,13 +108,15 @@ def run(work: pathlib.Path, mode: str) -> dict:
                 )
             finally:
                 sys.stderr = stderr
-        nbytes = summary.nbytes
+        nbytes, group = summary.nbytes, summary.peak_group_bytes
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "seconds": time.perf_counter() - start,
         "cpu": usage.ru_utime + usage.ru_stime,  # the whole process, every thread
         "bytes": nbytes,
-        "peak_rss": _peak_rss(),
+        "peak_rss": _status("VmHWM"),
+        "growth": _status("VmHWM") - resident,  # the peak's rise during the work
+        "group": group,  # the largest group of base leaves the merge held
         "jlora": jlora_file(),
     }
 
@@ -170,9 +179,12 @@ def main() -> None:
                 cpu = statistics.median(r["cpu"] for r in rs)
                 nbytes = rs[0]["bytes"]
                 rss = max(r["peak_rss"] for r in rs)
+                growth = max(r["growth"] for r in rs)
+                over = "" if mode == "orbax" else f"{(growth - rs[0]['group']) / 2**20:.0f}"
                 lines.append(
                     f"| {name} | {mode} | {s:.2f} | {cpu:.2f} | {nbytes / s / 1e6:.0f} | "
-                    f"{orbax_s / s:.2f} | {orbax_cpu / cpu:.2f} | {rss / 2**20:.0f} |"
+                    f"{orbax_s / s:.2f} | {orbax_cpu / cpu:.2f} | {rss / 2**20:.0f} | "
+                    f"{growth / 2**20:.0f} | {over} |"
                 )
             shutil.rmtree(work)
             loads.append(os.getloadavg()[0])
@@ -190,8 +202,8 @@ def main() -> None:
             "layout).",
             "",
             "| layout | what | wall s | CPU s | MB/s (wall) | x orbax (wall) | x orbax (CPU) | "
-            "peak RSS MiB |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "peak RSS MiB | rise MiB | rise - largest group MiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *lines,
         ]
     )

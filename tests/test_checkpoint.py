@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -413,6 +414,52 @@ def test_merge_checkpoint_equals_the_in_memory_merge_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(twice["stacked"], jlora.merge(expected, adapters)["stacked"])
 
 
+@pytest.mark.parametrize("without_option", [False, True])  # True: orbax 0.12.0's capability
+def test_merge_writes_under_the_users_orbax_context_and_leaves_it_unchanged(
+    tmp_path, monkeypatch, without_option
+):
+    # The group writes skip orbax's copy of each NumPy array on jlora's own copy of the active
+    # context: the user's options are inherited (a timeout here) and never changed; an orbax
+    # without `deepcopy_host_arrays` keeps copying. Either way the output is merge's, bit for bit.
+    from jlora.checkpoint import _leaf_io
+
+    skip = _leaf_io._can_skip_host_copy(ocp_v1.Context().memory) and not without_option
+    if without_option:
+        monkeypatch.setattr(_leaf_io, "_can_skip_host_copy", lambda memory: False)
+    real, seen = _leaf_io._partial_api(), []
+
+    class Recording:
+        finalize = staticmethod(real.finalize)
+
+        @staticmethod
+        def save(target, tree):
+            active = _leaf_io._active_context()
+            copies = getattr(active.memory, "deepcopy_host_arrays", True)
+            seen.append((copies, active.asynchronous.timeout_secs))
+            real.save(target, tree)
+
+    monkeypatch.setattr(_leaf_io, "_partial_api", lambda: Recording)
+    params = _mixed_params()
+    adapters = _adapters(params)
+    _save_base(tmp_path / "base", params)
+    checkpoint.save(tmp_path / "adapter", adapters, CONFIG)
+    user = ocp_v1.Context()
+    user.asynchronous.timeout_secs = 77
+    memory, options = user.memory, dataclasses.asdict(user.memory)
+    with user:
+        checkpoint.merge_checkpoint(
+            tmp_path / "base", tmp_path / "adapter", tmp_path / "out", group_bytes=4096
+        )
+    assert len(seen) > 1 and set(seen) == {(not skip, 77)}
+    assert user.memory is memory and dataclasses.asdict(user.memory) == options
+    expected = dict(jlora._paths.leaves_with_paths(jlora.merge(params, adapters)))
+    for path, value in jlora._paths.leaves_with_paths(_load_merged(tmp_path / "out")):
+        if np.ndim(value):
+            np.testing.assert_array_equal(_bits(value), _bits(expected[path]), err_msg=path)
+        else:
+            assert value == expected[path], path
+
+
 def test_merge_holds_a_bounded_number_of_bytes_at_once(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     leaf = 64 * 1024  # bytes per leaf (128 x 128 float32)
@@ -621,13 +668,26 @@ def test_disk_merge_kernel_is_bit_equal_to_jlora_merge(dtype):
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-def test_disk_merge_kernel_counts_new_overflow_and_ignores_the_bases_own_nan():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+@pytest.mark.parametrize("chunk", [7, 2**22])  # the scan for NaN/Inf: many chunks, or one
+def test_disk_merge_kernel_counts_new_overflow_and_ignores_the_bases_own_nan(
+    dtype, chunk, monkeypatch
+):
     from jlora._errors import NonFiniteError
+    from jlora.checkpoint import _leaf_merge
     from jlora.checkpoint._leaf_merge import merge_leaf
 
-    w = np.zeros((40, 10), jnp.bfloat16)
+    monkeypatch.setattr(_leaf_merge, "_CHUNK", chunk)
+    w = np.zeros((40, 10), jnp.dtype(dtype))
+    assert not _leaf_merge._any_nonfinite(w)
+    edge = np.full(9, jnp.finfo(dtype).max, w.dtype)  # the largest finite values, both signs
+    edge[1] = -edge[1]
+    assert not _leaf_merge._any_nonfinite(edge)
+    for bad in (-np.inf, np.inf, -np.nan):
+        edge[8] = bad
+        assert _leaf_merge._any_nonfinite(edge)
     a = np.zeros((40, 1), np.float32)
-    a[37, 0] = 1e30  # overflows bfloat16 only in row 37
+    a[37, 0] = 1e30  # 1e40 overflows each dtype (float32 too) only in row 37
     factors = jlora.LoraFactors(a, np.full((1, 10), 1e10, np.float32), 1.0, jlora.Layout(1, 1))
     with pytest.raises(NonFiniteError, match=r"w: merging gives 10 NaN or infinite values"):
         merge_leaf("w", w, factors, check_finite=True)

@@ -1,6 +1,7 @@
 """Bad input, damaged files and non-finite values: a clear error (or the right result), never a
 silently wrong model. One test per class of input from issue 12."""
 
+import dataclasses
 import gc
 import json
 import os
@@ -206,6 +207,56 @@ def test_restore_detects_arrays_from_another_save(tmp_path):
         match=r"^the checkpoint at .*one is damaged: embed/embedding/a differs from the SHA-256",
     ):
         checkpoint.restore(tmp_path / "one")
+
+
+def _swap_arrays(into, source):
+    shutil.rmtree(into / "adapters")
+    shutil.copytree(source / "adapters", into / "adapters")
+
+
+@pytest.mark.parametrize("other", ["same shapes", "other rank", "another target", "one less"])
+def test_merge_refuses_mismatched_adapter_arrays_as_restore_does(tmp_path, other):
+    # merge_checkpoint reads the adapters once, as NumPy; a record that disagrees with the arrays
+    # beside it must still be refused before anything is written, in restore's exact words.
+    params = _params()
+    _save_base(tmp_path / "base", params)
+    checkpoint.save(tmp_path / "ckpt", _adapters(params, seed=1), CONFIG, base=params)
+    config = {
+        "same shapes": CONFIG,
+        "other rank": dataclasses.replace(CONFIG, rank_pattern={r".*up/kernel": 4}),
+        "another target": dataclasses.replace(CONFIG, targets=(*CONFIG.targets, r".*key/kernel")),
+        "one less": dataclasses.replace(CONFIG, targets=CONFIG.targets[1:]),
+    }[other]
+    checkpoint.save(tmp_path / "two", _adapters(params, seed=2, config=config), config)
+    _swap_arrays(tmp_path / "ckpt", tmp_path / "two")
+    with pytest.raises(DamagedCheckpointError) as restored:
+        checkpoint.restore(tmp_path / "ckpt")
+    with pytest.raises(DamagedCheckpointError) as merged:
+        checkpoint.merge_checkpoint(tmp_path / "base", tmp_path / "ckpt", tmp_path / "out")
+    assert str(merged.value) == str(restored.value)
+    what = "differs from the SHA-256" if other == "same shapes" else "the record and the arrays"
+    assert str(merged.value).startswith(f"the checkpoint at {tmp_path / 'ckpt'} is damaged: ")
+    assert what in str(merged.value)
+    assert sorted(os.listdir(tmp_path)) == ["base", "ckpt", "two"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_manifest"])
+@reads_damaged_files
+def test_merge_names_damaged_adapter_arrays(settle, tmp_path, damage):
+    params = _params()
+    _save_base(tmp_path / "base", params)
+    checkpoint.save(tmp_path / "ckpt", _adapters(params), CONFIG)
+    arrays = tmp_path / "ckpt" / "adapters"
+    if damage == "delete_manifest":
+        (arrays / "manifest.ocdbt").unlink()
+    for file in [p for p in arrays.rglob("*") if p.is_file() and p.parent.name == "d"]:
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(DamagedCheckpointError) as info:
+        checkpoint.merge_checkpoint(tmp_path / "base", tmp_path / "ckpt", tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"the checkpoint at {tmp_path / 'ckpt'} is damaged: ")
+    assert len(message) < 700  # one line, not tensorstore's JSON spec
+    assert sorted(os.listdir(tmp_path)) == ["base", "ckpt"]
 
 
 @reads_damaged_files

@@ -57,6 +57,15 @@ def _check_array_metadata(
             )
 
 
+def _unreadable(path: epath.Path, failure: str) -> DamagedCheckpointError:
+    """The error of a checkpoint whose arrays orbax could not read (``failure``: why)."""
+    return DamagedCheckpointError(
+        f"the checkpoint at {path} is damaged: its arrays ({path / ARRAYS}) cannot be read "
+        f"({failure}). A file is missing, truncated or corrupt; restore an intact copy, or "
+        "save the adapters again"
+    )
+
+
 def _verify(
     path: epath.Path,
     flat: dict[str, Any],

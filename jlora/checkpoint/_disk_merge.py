@@ -14,10 +14,11 @@ a PyTree checkpoint like the one ``ocp.StandardCheckpointer().save`` writes:
 the base of a further merge.
 
 Peak host memory is about one group (``group_bytes``, or the largest leaf if bigger) plus the
-float32 work of merging one leaf (its float32 delta). Merged leaves get their delta from
-:func:`jlora.merge`'s own code and the rounded sum from NumPy (``_leaf_merge``), so they equal the
-in-memory merge bit for bit. The resident size also depends on
-the allocator: glibc keeps freed buffers of up to 32 MiB in its heap once its adaptive mmap
+work of merging one leaf: its float32 delta and the merged leaf (twice a float32 leaf, three
+times a bfloat16 one). The adapters are read once, onto the host (``_host_restore``). Merged
+leaves get their delta from :func:`jlora.merge`'s own code, in one jitted pass per leaf
+(``_leaf_merge``), so they equal the in-memory merge bit for bit. The resident size also depends
+on the allocator: glibc keeps freed buffers of up to 32 MiB in its heap once its adaptive mmap
 threshold has risen, so a long merge can hold several hundred MiB it no longer uses. Run with
 ``MALLOC_MMAP_THRESHOLD_=1048576`` (the ``jlora merge`` command line sets this itself) to return
 them at once.
@@ -37,10 +38,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from .. import _atomic, _checks, _digest, _dirs
-from .._merge import adapter_tables, merge
+from .._merge import merge
 from .._paths import nest
 from . import _base
-from ._adapters import PathLike, saved_record
+from ._adapters import PathLike
+from ._host_restore import restore_on_host
 from ._leaf_io import _finalize as _finalize
 from ._leaf_io import _groups as _groups
 from ._leaf_io import _leaves as _leaves
@@ -51,7 +53,6 @@ from ._leaf_io import _write_failed as _write_failed
 from ._leaf_io import _write_group as _write_group
 from ._leaf_merge import check_merged as _check_merged
 from ._leaf_merge import merge_leaf, supported
-from ._restore import restore
 
 DEFAULT_GROUP_BYTES = 2**27
 
@@ -204,9 +205,10 @@ def merge_checkpoint(
     pytree_dir = _pytree_dir(base)
     leaves = _leaves(pytree_dir)
     abstract_base = nest({leaf.path: leaf.meta for leaf in leaves if leaf.is_array})
-    adapters, _ = restore(adapter, step=adapter_step, base=abstract_base, check_finite=check_finite)
-    table, extras = adapter_tables(adapters)
-    saved_digests = saved_record(adapter, adapter_step).base_digests if base_digest else None
+    table, extras, record = restore_on_host(
+        adapter, step=adapter_step, base=abstract_base, check_finite=check_finite
+    )
+    saved_digests = record.base_digests if base_digest else None
 
     merged = copied = peak = 0
     update, close = _progress_bar(sum(leaf.nbytes for leaf in leaves), progress)

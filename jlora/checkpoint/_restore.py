@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from .. import _checks, _dirs
 from .._config import LoraConfig
-from .._errors import AdapterMismatchError, DamagedCheckpointError
+from .._errors import AdapterMismatchError
 from .._extras import Trainable
 from .._factors import LoraFactors, with_boxes
 from .._merge import adapter_tables
@@ -26,7 +26,7 @@ from . import _base
 from . import _format as fmt
 from . import _magnitudes as mag
 from ._adapters import ARRAYS, PathLike, first_line, read_record, resolve
-from ._array_checks import _check_array_metadata, _verify
+from ._array_checks import _check_array_metadata, _unreadable, _verify
 
 
 def _sharding_table(
@@ -250,11 +250,7 @@ def restore(
     except Exception as e:
         failure = f"{type(e).__name__}: {first_line(e)}"
     if failure is not None:  # raised here, so orbax's traceback (and its frames) are freed now
-        raise DamagedCheckpointError(
-            f"the checkpoint at {path} is damaged: its arrays ({path / ARRAYS}) cannot be read "
-            f"({failure}). A file is missing, truncated or corrupt; restore an intact copy, or "
-            "save the adapters again"
-        )
+        raise _unreadable(path, failure)
     flat = dict(leaves_with_paths(arrays))
     _verify(path, flat, records, extra_records, rec.digests, check_finite, rec.magnitudes)
 
