@@ -1,4 +1,4 @@
-"""LoRA dropout's cost in the train step: jlora's mask against the same mask with other hashes.
+"""LoRA dropout's cost in the train step: jlora's mask against ``jax.random.bernoulli``'s.
 
 ``python benchmarks/dropout.py --steps 15 --out benchmarks/results/dropout-cpu.md`` times, on the
 benchmark decoder (``run.py``'s cpu preset; pinned to one core, CPU time, interleaved rounds, see
@@ -6,14 +6,12 @@ benchmark decoder (``run.py``'s cpu preset; pinned to one core, CPU time, interl
 
 * ``no dropout``: ``LoraConfig(dropout=0)``;
 * ``dropout 0.1``: ``LoraConfig(dropout=0.1)``, ``apply(..., lora_train=True)``: jlora's mask
-  (16 bits per element, four elements per ``mix64`` hash, a 4-round Feistel network:
-  ``jlora/_mask.py``);
-* ``dropout 0.1, threefry 20``: the same mask with Threefry-2x32 (20 rounds, jax's hash; the
-  mask until session 7) in place of ``mix64``; ``threefry 13`` (all linear only) with 13 rounds,
-  the fewest Salmon et al. (2011) report as Crush-resistant;
+  (16 bits per element, four elements per Threefry hash, integer compares: ``jlora/_mask.py``);
+* ``dropout 0.1, bernoulli``: the same step with the mask drawn as before, by
+  ``jax.random.bernoulli(key, 1 - rate, shape)`` (one hash per element, float compares).
 * ``dropout 0.1, no hash`` (all linear only; a diagnostic, not a valid mask): the same step with
-  the keep bits taken from a multiplicative counter hash of one key word instead, so the
-  difference to ``dropout 0.1`` is what the hash costs beyond the dropout passes.
+  the keep bits taken from a multiplicative counter hash of one key word instead of Threefry, so
+  the difference to ``dropout 0.1`` is what the Threefry mask costs beyond the dropout passes.
 
 The dropout key is an argument of the compiled step (a constant key would let XLA fold the
 mask), and the frozen-base *floor* runs in the same rounds. Ratios are to ``no dropout`` of
@@ -23,7 +21,6 @@ the same targets.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import sys
@@ -52,33 +49,28 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+def bernoulli_mask(rng, rate, shape):
+    """The mask before this benchmark's change: one Threefry hash and a float compare per entry."""
+    return jax.random.bernoulli(rng, 1.0 - rate, shape)
 
 
-def threefry2x32(k1, k2, x1, x2, rounds=20):
-    """Threefry-2x32 with ``rounds`` rounds, unrolled (20: the same words as ``jax.random``'s)."""
-    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for i in range(rounds):
-        r = _ROTATIONS[(i // 4) % 2][i % 4]
-        x1 = x1 + x2
-        x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
-        if i % 4 == 3:
-            step = i // 4
-            x1 = x1 + ks[(step + 1) % 3]
-            x2 = x2 + ks[(step + 2) % 3] + jnp.uint32(step + 1)
-    return x1, x2
-
-
-def threefry_mask(rounds):
-    """jlora's mask with Threefry-2x32 of ``rounds`` rounds as the hash."""
-
-    def keep_mask(rng, rate, shape):
-        k1, k2 = jax.random.bits(rng, (2,), jnp.uint32)
-        hash_fn = functools.partial(threefry2x32, rounds=rounds)
-        return _mask.keep_from_words(k1, k2, rate, shape, hash_fn)
-
-    return keep_mask
+def strided_mask(rng, rate, shape):
+    """Session 5's mask: the same hashes and pieces, entry j of a row taking piece j // w of hash
+    j % w (w hashes a row) instead of piece j % 4 of hash j // 4; its unpacking did not vectorise."""
+    lead, last = shape[:-1], shape[-1]
+    words = -(-last // 4)
+    hi, lo = _mask._counters((*lead, words))
+    k1, k2 = jax.random.bits(rng, (2,), jnp.uint32)
+    w1, w2 = _mask.threefry2x32(k1, k2, hi, lo)
+    t = _mask.threshold(rate)
+    packed = jnp.zeros(w1.shape, jnp.uint32)
+    for i, piece in enumerate(w >> jnp.uint32(16 * j) for w in (w1, w2) for j in range(2)):
+        packed = packed | ((piece & jnp.uint32(0xFFFF)) < t).astype(jnp.uint32) << jnp.uint32(i)
+    packed = packed % jnp.uint32(17)
+    shift = jax.lax.broadcasted_iota(jnp.uint32, (*lead, 4, words), len(lead))
+    bits = (jnp.broadcast_to(packed[..., None, :], shift.shape) >> shift) & jnp.uint32(1)
+    keep = bits.reshape(*lead, 4 * words) != 0
+    return keep[..., :last]
 
 
 def no_hash_mask(rng, rate, shape):
@@ -136,9 +128,8 @@ def cases(size: Size) -> list[JaxCase]:
             JaxCase(f"{label}: dropout {RATE}", dropout_step(dropped, tx), args, carry=2,
                     loss_index=2)
         )
-        variants = {"threefry 20": threefry_mask(20)}
+        variants = {"bernoulli": bernoulli_mask, "session 5 layout": strided_mask}
         if label == "all linear":
-            variants["threefry 13"] = threefry_mask(13)
             variants["no hash"] = no_hash_mask
         for name, mask in variants.items():
             args = (train._copy(adapters), tx.init(adapters), params, tokens, jax.random.key(7))

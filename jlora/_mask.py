@@ -1,40 +1,28 @@
-"""LoRA dropout's keep mask: 16 random bits per element, four elements per 64-bit keyed hash.
+"""LoRA dropout's keep mask: 16 random bits per element, four elements per Threefry hash.
 
 ``jax.random.bernoulli`` spends one Threefry-2x32 hash (20 rounds) on each element and compares a
 float built from 23 of its bits. A dropout mask needs far fewer bits: here each hash of a counter
 gives two 32-bit words, split into four 16-bit draws ``u``, and an element is kept when
 ``u < t`` with ``t = round((1 - rate) * 2**16)``. That is a quarter of the hashes and integer
-compares only.
-
-**The hash** (``mix64``) is a four-round Feistel network on the counter's two 32-bit words: each
-round replaces ``(left, right)`` by ``(right, left ^ f(right + k))`` with a round key ``k`` (the
-two key words in turn, each plus a multiple of the golden-ratio constant ``0x9E3779B9``) and ``f``
-a fixed 32-bit multiply-xorshift bijection, the ``lowbias32`` mixer of Wellons' hash-prospector
-(``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``). Four rounds
-are a keyed permutation of the 64-bit counter (Luby and Rackoff 1988: a 4-round Feistel network of
-random round functions is a strong pseudo-random permutation); three already flip each output bit
-with probability 1/2 for any one flipped bit of counter or key, two do not. It is built from
-uint32 adds, xors, shifts and multiplies, which XLA:CPU vectorises: 0.7 ns per hash on one AVX-512
-core against 1.6 for Threefry-2x32 (20 rounds; Salmon et al. 2011 report 13 as its fewest
-Crush-resistant rounds), which this mask used until session 7 (``benchmarks/results/
-dropout-cpu.md``). ``tests/test_dropout.py`` checks keep rates, pairwise independence of
-neighbouring entries, of the pieces of one hash, of consecutive rows and of keys one bit apart, and
-that the same checks fail for two rounds.
+compares only; on XLA:CPU the mask costs about a quarter of ``bernoulli``'s
+(``benchmarks/results/dropout-cpu.md``).
 
 **Distribution.** Every element gets its own 16 bits of a distinct hash output, so the elements are
-Bernoulli draws with keep probability ``t / 2**16``: ``1 - rate`` rounded to a multiple of
-``2**-16`` (off by at most ``2**-17``; exact for rates that are multiples of ``2**-16`` such as
-0.5 or 0.25; 0.1 keeps with probability ``58982 / 65536 = 0.899994``). Rates below ``2**-17``
-therefore keep every element.
+independent Bernoulli draws with keep probability exactly ``t / 2**16``: ``1 - rate`` rounded to a
+multiple of ``2**-16`` (off by at most ``2**-17``; exact for rates that are multiples of
+``2**-16`` such as 0.5 or 0.25; 0.1 keeps with probability ``58982 / 65536 = 0.899994``). Rates
+below ``2**-17`` therefore keep every element.
 
 **Keys.** The hash is keyed by two words drawn with ``jax.random.bits`` from the caller's key (any
 key implementation, typed or raw), so the mask is a pure function of that key and the shape, the
-same on every backend (the same integer program everywhere), and unrelated to other draws from the
-same key. A row of ``n`` entries (the last axis) uses ``w = ceil(n / 4)`` hashes; entry ``j``
-takes 16-bit piece ``j % 4`` (low then high half of the first word, then of the second) of hash
-``j // 4``. The hash of row entry ``j`` is counter ``(hi, lo)`` = (the index along the first axis,
-the row-major index of ``(other leading axes, j // 4)``), laid out in the input's shape, so
-sharding the leading axes partitions the hash.
+same on every backend (Threefry is computed by the same integer program everywhere), and unrelated
+to other draws from the same key. A row of ``n`` entries (the last axis) uses ``w = ceil(n / 4)``
+hashes; entry ``j`` takes 16-bit piece ``j % 4`` (low then high half of the first word, then of
+the second) of hash ``j // 4``. The hash of row entry ``j`` is counter ``(hi, lo)`` = (the index
+along the first axis, the row-major index of ``(other leading axes, j // 4)``), laid out in the
+input's shape, so sharding the leading axes partitions the hash. (Until session 6 entry ``j``
+took piece ``j // w`` of hash ``j % w``: the same distribution, other bits; XLA:CPU did not
+vectorise unpacking that layout in the fused passes that read the mask.)
 
 **Once per hash.** XLA fuses elementwise producers into every consumer; left alone it would
 recompute the hash for each of the four entries that read it (and again in the backward pass). The
@@ -46,20 +34,14 @@ reads bit ``j % 4`` of word ``j // 4``, a pattern XLA:CPU vectorises inside thos
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 BITS = 16  # random bits per element: the keep probability is a multiple of 2**-BITS
-ROUNDS = 4  # Feistel rounds of ``mix64``
 _PER_HASH = 64 // BITS  # entries per hash: its two 32-bit words in 16-bit pieces
 _LOW = np.uint32(2**BITS - 1)
-_GOLDEN = 0x9E3779B9
-_MULTIPLIERS = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
-
-Hash = Callable[..., tuple[jax.Array, jax.Array]]  # (k1, k2, x1, x2) -> two uint32 words
 
 
 def threshold(rate: float | jax.Array) -> jax.Array:
@@ -71,20 +53,8 @@ def threshold(rate: float | jax.Array) -> jax.Array:
 
 def keep_mask(rng: jax.Array, rate: float | jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """A bool mask of ``shape``: each entry True with probability ``threshold(rate) / 2**16``."""
-    k1, k2 = jax.random.bits(rng, (2,), jnp.uint32)
-    return keep_from_words(k1, k2, rate, shape)
-
-
-def keep_from_words(
-    k1: jax.Array,
-    k2: jax.Array,
-    rate: float | jax.Array,
-    shape: tuple[int, ...],
-    hash_fn: Hash | None = None,
-) -> jax.Array:
-    """``keep_mask`` for the hash key words ``(k1, k2)``; ``hash_fn`` (default ``mix64``) for tests."""
     if not shape:
-        return keep_from_words(k1, k2, rate, (1,), hash_fn).reshape(())
+        return keep_mask(rng, rate, (1,)).reshape(())
     lead, last = shape[:-1], shape[-1]
     words = -(-last // _PER_HASH)  # hashes per row; entry j of a row is piece j % 4 of hash
     if math.prod((*lead, words)[1:]) >= 2**32:  # j // 4
@@ -94,7 +64,8 @@ def keep_from_words(
             "is longer (e.g. flatten batch and sequence axes into one)"
         )
     hi, lo = _counters((*lead, words))
-    w1, w2 = (hash_fn or mix64)(k1, k2, hi, lo)
+    k1, k2 = jax.random.bits(rng, (2,), jnp.uint32)
+    w1, w2 = threefry2x32(k1, k2, hi, lo)
     t = threshold(rate)
     packed = jnp.zeros(w1.shape, jnp.uint32)
     for i, piece in enumerate(w >> np.uint32(BITS * j) for w in (w1, w2) for j in range(2)):
@@ -110,29 +81,27 @@ def keep_from_words(
     return keep[..., :last] if keep.shape[-1] != last else keep
 
 
-def mix64(
-    k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array, rounds: int = ROUNDS
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(
+    k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """The mask's hash: a Feistel network of ``rounds`` rounds on the counter words ``(x1, x2)``.
+    """The Threefry-2x32 hash (20 rounds), unrolled: the same words as ``jax.random``'s.
 
-    Round ``i`` (from 0) maps ``(left, right)`` to ``(right, left ^ f(right + k_i))``, with
-    ``k_i = (k1, k2)[i % 2] + (i // 2 + 1) * 0x9E3779B9`` (mod ``2**32``) and ``f`` the
-    ``lowbias32`` multiply-xorshift bijection; it starts from ``(x1, x2)`` and returns the final
-    ``(left, right)``. All arithmetic is uint32, wrapping.
+    jax lowers its own ``threefry2x32`` on CPU as a rolled loop of five steps, each step's arrays
+    written to memory and read back; unrolled with constant rotations, XLA fuses the whole hash
+    (and the compares after it) into one elementwise loop, several times faster there.
     """
-    left, right = x1, x2
-    for i in range(rounds):
-        k = (k1, k2)[i % 2] + np.uint32((_GOLDEN * (i // 2 + 1)) % 2**32)
-        left, right = right, left ^ _lowbias32(right + k)
-    return left, right
-
-
-def _lowbias32(x: jax.Array) -> jax.Array:
-    x = x ^ (x >> np.uint32(16))
-    x = x * _MULTIPLIERS[0]
-    x = x ^ (x >> np.uint32(15))
-    x = x * _MULTIPLIERS[1]
-    return x ^ (x >> np.uint32(16))
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for step in range(5):
+        for r in _ROTATIONS[step % 2]:
+            x1 = x1 + x2
+            x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
+        x1 = x1 + ks[(step + 1) % 3]
+        x2 = x2 + ks[(step + 2) % 3] + np.uint32(step + 1)
+    return x1, x2
 
 
 def _counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
