@@ -22,7 +22,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from .. import _checks, _dirs
-from .._errors import DamagedCheckpointError
 from .._extras import Trainable
 from .._factors import LoraFactors
 from .._paths import leaves_with_paths, nest

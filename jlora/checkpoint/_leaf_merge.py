@@ -4,8 +4,8 @@
 weight and rounds the sum once to the weight's dtype. Here all of it is one jitted program per
 shape, dtype and scale: the delta from the very same code (:func:`jlora._merge.factor_delta`, whose
 product and scaling XLA:CPU computes to the same bits inside a larger program as alone; tests
-compare them), then the weight's conversion, the add, the rounding and the count of new NaN/Inf in
-one pass over the leaf. XLA:CPU's code generator contracts a multiply followed by an add into a
+compare them), then the weight's conversion, the add and the rounding in one pass over the leaf;
+new NaN/Inf are found afterwards by a NumPy scan of the output's bits, chunk by chunk. XLA:CPU's code generator contracts a multiply followed by an add into a
 fused multiply-add, which would skip the float32 rounding of ``scale * (a @ b)`` that
 ``jlora.merge`` performs (why it runs op by op). The program stops that contraction with a fence:
 the scaled delta's bits are OR-ed with a zero that is an argument of the program (so XLA cannot
