@@ -4,6 +4,10 @@ Same blocks, names and maths as the Linen ``Decoder`` (pre-norm causal attention
 embedding head); :func:`load_linen_params` copies a Linen decoder's weights in, so both compute the
 same loss. Targeted projections are ``nnx.LoRALinear`` (Flax's LoRA: ``y = x W + x a b``, factors
 in ``nnx.LoRAParam`` variables, no alpha/r scale), the rest plain ``nnx.Linear``.
+
+:class:`ScannedDecoder` is the same decoder with plain layers (for ``jlora.nnx.lora``) and its
+blocks stacked by ``nnx.vmap`` and run by one ``nnx.scan``, each optionally under ``nnx.remat``
+with a checkpoint policy (the NNX form of the Linen ``Decoder(scan=True, remat=...)``).
 """
 
 from __future__ import annotations
@@ -83,3 +87,35 @@ def load_linen_params(model: Decoder, params: dict) -> None:
         for name in ("ln_attn", "ln_mlp"):
             getattr(block, name).scale[...] = p[name]["scale"]
             getattr(block, name).bias[...] = p[name]["bias"]
+
+
+class ScannedDecoder(nnx.Module):
+    def __init__(self, size: Size, dtype, *, policy=None, rngs: nnx.Rngs):
+        self.size = size
+        self.dtype = dtype
+        self.policy = policy
+        self.embed = nnx.Embed(size.vocab, size.d_model, rngs=rngs)
+        make = nnx.vmap(lambda r: Block(size, dtype, (), 0, r), in_axes=0, out_axes=0)
+        self.layers = nnx.split_rngs(splits=size.layers)(make)(rngs)
+        self.ln_final = nnx.LayerNorm(size.d_model, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed(tokens).astype(self.dtype)
+        body = lambda x, block: block(x)  # noqa: E731
+        if self.policy is not None:
+            body = nnx.remat(body, policy=self.policy)
+        x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+        x = self.ln_final(x)
+        return self.embed.attend(x).astype(jnp.float32)
+
+
+def load_linen_params_stacked(model: ScannedDecoder, params: dict) -> None:
+    """Copies a Linen loop ``decoder.Decoder``'s weights into ``model``, its blocks stacked."""
+    model.embed.embedding[...] = params["embed"]["embedding"]
+    model.ln_final.scale[...] = params["ln_final"]["scale"]
+    model.ln_final.bias[...] = params["ln_final"]["bias"]
+    blocks = [params[f"layers_{i}"] for i in range(model.size.layers)]
+    for name in (*PROJECTIONS, "ln_attn", "ln_mlp"):
+        layer = getattr(model.layers, name)
+        for leaf in ("kernel", "bias") if name in PROJECTIONS else ("scale", "bias"):
+            getattr(layer, leaf)[...] = jnp.stack([p[name][leaf] for p in blocks])

@@ -10,6 +10,13 @@ the step computes the same function of the same weights). For each it reports XL
 (``compiled.memory_analysis()``: ``timing.memory_bytes`` and the temporaries alone) and the
 activations jax's autodiff keeps for the backward pass (``jax.ad_checkpoint.saved_residuals``:
 the count and bytes of saved values that are not arguments).
+
+The *jlora nnx* rows are the same decoder in flax.nnx (``decoder_nnx.py``, the Linen weights
+copied in), adapted by ``jlora.nnx.lora``: its blocks a Python loop (``decoder_nnx.Decoder``), or
+stacked by ``nnx.vmap`` and run by one ``nnx.scan``, each under
+``nnx.remat(policy=jlora.remat_policy())`` (``decoder_nnx.ScannedDecoder``). Their step is the
+same Adam step over the ``jlora.nnx.LoraParam`` arrays, the model rebuilt by ``nnx.merge`` inside
+the loss.
 """
 
 from __future__ import annotations
@@ -30,14 +37,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax  # noqa: E402
+import decoder_nnx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 import steps as train  # noqa: E402
 from decoder import Decoder, Size, next_token_loss  # noqa: E402
+from flax import nnx  # noqa: E402
 from timing import JaxCase, run_rounds  # noqa: E402
 
 import jlora  # noqa: E402
 import jlora.linen  # noqa: E402
+import jlora.nnx  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -101,7 +111,44 @@ def cases(size: Size) -> tuple[list[JaxCase], dict[str, tuple[int, float]]]:
             saved[name] = _saved_mib(loss_fn, used, frozen, tokens)
             args = (train._copy(used), tx.init(used), frozen, tokens)
             out.append(JaxCase(name, train.adapter_step(loss_fn, tx), args, carry=2, loss_index=2))
+    for label, targets in train.TARGETS.items():
+        variants = [("", False)] if label == "all linear" else []
+        for suffix, scan in [*variants, (", scan, remat jlora", True)]:
+            name = f"jlora nnx ({label}{suffix})"
+            log(f"compiling {name}")
+            loss_fn, used, frozen = _nnx_loss(size, params, targets, scan)
+            saved[name] = _saved_mib(loss_fn, used, frozen, tokens)
+            args = (train._copy(used), tx.init(used), frozen, tokens)
+            out.append(JaxCase(name, train.adapter_step(loss_fn, tx), args, carry=2, loss_index=2))
     return out, saved
+
+
+def _nnx_loss(size: Size, params: dict, targets: str, scan: bool):
+    """``(loss_fn, adapter arrays, frozen arrays)`` of the NNX decoder with these Linen weights.
+
+    The states travel as lists of arrays and become ``nnx.State`` again inside the loss: an
+    ``nnx.State`` unflattened by ``jax.value_and_grad`` (flax 0.12.8) holds Variables of another
+    trace level, which ``nnx.scan`` refuses.
+    """
+    if scan:
+        net = decoder_nnx.ScannedDecoder(
+            size, jnp.float32, policy=jlora.remat_policy(), rngs=nnx.Rngs(0)
+        )
+        decoder_nnx.load_linen_params_stacked(net, params)
+    else:
+        net = decoder_nnx.Decoder(size, jnp.float32, rngs=nnx.Rngs(0))
+        decoder_nnx.load_linen_params(net, params)
+    net = jlora.nnx.lora(net, jlora.LoraConfig(targets=targets, rank=8, alpha=16.0), rngs=1)
+    graphdef, lora_state, rest = nnx.split(net, jlora.nnx.LoraParam, ...)
+    lora_def, rest_def = jax.tree.structure(lora_state), jax.tree.structure(rest)
+
+    def loss_fn(adapters, frozen, tokens):
+        model = nnx.merge(
+            graphdef, jax.tree.unflatten(lora_def, adapters), jax.tree.unflatten(rest_def, frozen)
+        )
+        return next_token_loss(model(tokens), tokens)
+
+    return loss_fn, jax.tree.leaves(lora_state), jax.tree.leaves(rest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -331,10 +331,11 @@ def test_linen_apply_uses_extras_and_differentiates_them():
     rng = np.random.default_rng(9)
     model = _Classifier()
     ids = jnp.asarray(rng.integers(0, 13, size=(4, 5)))
-    params = model.init(jax.random.key(0), ids)["params"]
+    # Compiled inits, losses and gradients (eagerly, each op would compile a program of its own).
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
     config = LoraConfig(targets=r"body_\d/kernel", rank=2, trainable=(r"classifier/.*",))
     adapted = jlora.linen.lora(model, config)
-    adapters = adapted.init_adapters(jax.random.key(1), params, ids)
+    adapters = jax.jit(adapted.init_adapters)(jax.random.key(1), params, ids)
     assert isinstance(adapters["classifier"]["kernel"], Trainable)
     np.testing.assert_array_equal(
         adapted.apply(params, adapters, ids), model.apply({"params": params}, ids)
@@ -345,15 +346,15 @@ def test_linen_apply_uses_extras_and_differentiates_them():
     def loss(adapters):
         return jnp.mean((adapted.apply(params, adapters, ids) - y) ** 2)
 
-    merged = jlora.merge(params, adapters)
+    merged = jax.jit(jlora.merge)(params, adapters)
 
     def merged_loss(head):
         tree = {**merged, "classifier": head}
         return jnp.mean((model.apply({"params": tree}, ids) - y) ** 2)
 
-    np.testing.assert_allclose(loss(adapters), merged_loss(merged["classifier"]), rtol=1e-5)
-    grads = jax.grad(loss)(adapters)
-    expected = jax.grad(merged_loss)(merged["classifier"])
+    value, grads = jax.jit(jax.value_and_grad(loss))(adapters)
+    merged_value, expected = jax.jit(jax.value_and_grad(merged_loss))(merged["classifier"])
+    np.testing.assert_allclose(value, merged_value, rtol=1e-5)
     for name in ("kernel", "bias"):
         assert np.any(np.asarray(grads["classifier"][name].value) != 0)
         np.testing.assert_allclose(
@@ -393,9 +394,10 @@ def test_nnx_optimizer_over_trainable_trains_factors_and_head_only():
     grad = nnx.grad(
         lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, jlora.nnx.TRAINABLE)
     )
+    step = nnx.jit(lambda m, o: o.update(m, grad(m)))  # one program, not one per eager op
     for _ in range(2):  # b = 0 at init, so a moves from the second step on
         with standard_promotion:
-            optimizer.update(model, grad(model))
+            step(model, optimizer)
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     trained = {"2/kernel", "2/bias", "0/lora_a", "0/lora_b", "1/lora_a", "1/lora_b"}
     for (path, old), (_, new) in zip(

@@ -61,10 +61,13 @@ def test_scanned_remat_step_equals_the_plain_step():
     x = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
     config = jlora.LoraConfig(targets=["proj", "up", "down"], rank=4, alpha=8.0)
     plain = _Stack()
-    params = plain.init(jax.random.key(0), x)["params"]
-    adapters = jlora.linen.lora(plain, config).init_adapters(jax.random.key(1), params, x)
+    # Compiled inits (eagerly, each op would compile a program of its own).
+    params = jax.jit(plain.init)(jax.random.key(0), x)["params"]
+    init = jlora.linen.lora(plain, config).init_adapters
     # b is zero at init; a nonzero b makes the gradient of a (the one needing the inputs) nonzero
-    adapters = jax.tree.map(lambda t: t + 0.1 * jnp.ones_like(t), adapters)
+    adapters = jax.jit(lambda k: jax.tree.map(lambda t: t + 0.1, init(k, params, x)))(
+        jax.random.key(1)
+    )
     target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
     def grads(model):

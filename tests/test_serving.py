@@ -247,10 +247,13 @@ def test_lookup_attend_and_einsum_terms():
 # Linen models -------------------------------------------------------------------------------------
 
 
-def _decoder_bank():
+@pytest.fixture(scope="module")
+def decoder_bank():
+    """A Linen decoder, three random adapters of it (shapes from ``jax.eval_shape``: the values are
+    drawn) and their bank; compiled inits, so no program is compiled per weight shape."""
     model = Decoder()
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 13, size=(6, 7)), jnp.int32)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
     configs = {
         "all": jlora.LoraConfig(targets=".*(kernel|embedding)", rank=3, alpha=6.0),
         "attn": jlora.LoraConfig(targets=".*(query|value)/kernel", rank=2, alpha=1.0),
@@ -258,7 +261,9 @@ def _decoder_bank():
     }
     adapters = {
         name: _randomize(
-            jlora.linen.lora(model, config).init_adapters(jax.random.key(i), params, tokens),
+            jax.eval_shape(
+                jlora.linen.lora(model, config).init_adapters, jax.random.key(i), params, tokens
+            ),
             seed=20 + i,
             size=0.2,
         )
@@ -272,15 +277,17 @@ NAMES = ["all", None, "mlp", "attn", "all", None]
 
 
 @pytest.fixture(scope="module")
-def decoder_references():
+def decoder_references(decoder_bank):
     """Per adapter name: the outputs of that adapter alone (jlora.linen) and merged (None: base)."""
-    model, params, tokens, configs, adapters, bank = _decoder_bank()
+    model, params, tokens, configs, adapters, bank = decoder_bank
     base = jax.jit(model.apply)({"params": params}, tokens)
     refs = {None: [base]}
     for name in configs:
         lora = jlora.linen.lora(model, configs[name])
         alone = jax.jit(lora.apply)(params, adapters[name], tokens)
-        merged = jax.jit(model.apply)({"params": jlora.merge(params, adapters[name])}, tokens)
+        merged = jax.jit(lambda p, a: model.apply({"params": jlora.merge(p, a)}, tokens))(
+            params, adapters[name]
+        )
         refs[name] = [alone, merged]
     return model, params, tokens, bank, refs
 
@@ -301,8 +308,8 @@ def test_decoder_mixed_batch_equals_each_adapter_alone_and_merged(strategy, deco
                                        err_msg=f"{name} {strategy}")  # fmt: skip
 
 
-def test_decoder_hot_swap_reuses_the_program():
-    model, params, tokens, _, adapters, bank = _decoder_bank()
+def test_decoder_hot_swap_reuses_the_program(decoder_bank):
+    model, params, tokens, _, adapters, bank = decoder_bank
     traces = []
 
     @jax.jit

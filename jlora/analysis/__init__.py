@@ -35,7 +35,6 @@ from ._counts import lora_param_count as lora_param_count
 from ._plot import plot_subspace_similarity as plot_subspace_similarity
 from ._projection import UpdateProjection as UpdateProjection
 from ._projection import update_projection as update_projection
-from ._subspace import ORTHONORMAL_TOLERANCE as ORTHONORMAL_TOLERANCE
 from ._subspace import grassmann_distance as grassmann_distance
 from ._subspace import singular_basis as singular_basis
 from ._subspace import subspace_similarity as subspace_similarity
