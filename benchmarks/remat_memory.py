@@ -9,7 +9,8 @@ blocks either a Python loop or one ``nn.scan`` (*scan*; its parameters are the l
 the step computes the same function of the same weights). For each it reports XLA's memory account
 (``compiled.memory_analysis()``: ``timing.memory_bytes`` and the temporaries alone) and the
 activations jax's autodiff keeps for the backward pass (``jax.ad_checkpoint.saved_residuals``:
-the count and bytes of saved values that are not arguments).
+the count and bytes of saved values that are not arguments), and each step's first loss (b = 0,
+so every adapter row computes the frozen decoder's loss: the same function in every row).
 
 The *jlora nnx* rows are the same decoder in flax.nnx (``decoder_nnx.py``, the Linen weights
 copied in), adapted by ``jlora.nnx.lora``: its blocks a Python loop (``decoder_nnx.Decoder``), or
@@ -170,16 +171,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{load_before:.1f} before, {load_after:.1f} after, {os.cpu_count()} cores.",
         "",
         "| step | cpu ms | x floor | XLA memory MiB | x floor memory | temporaries MiB "
-        "| saved residuals (count, MiB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| saved residuals (count, MiB) | first loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         count, mib = saved.get(r.name, (None, None))
         kept = "" if count is None else f"{count}, {mib:.1f}"
+        loss = "" if r.loss is None else f"{r.loss:.6f}"
         lines.append(
             f"| {r.name} | {1e3 * r.cpu:.1f} | {r.cpu / floor.cpu:.3f} | "
             f"{r.memory_bytes / 2**20:.1f} | {r.memory_bytes / floor.memory_bytes:.2f} | "
-            f"{temps[r.name] / 2**20:.1f} | {kept} |"
+            f"{temps[r.name] / 2**20:.1f} | {kept} | {loss} |"
         )
     report = "\n".join(lines)
     print(report)
