@@ -21,8 +21,9 @@ from .._paths import nest
 from .._targets import check_patterns, exact_config
 from ._adapted import attach, check_free, is_adapted
 from ._convert import check_module, flat_variables, join, node
+from ._custom_kind import custom_kind
 from ._extras import mark
-from ._kinds import SUPPORTED, custom_kind, kind_of
+from ._kinds import SUPPORTED, kind_of
 from ._sharding import factor_metadata
 
 M = TypeVar("M", bound=nnx.Module)
