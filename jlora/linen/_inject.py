@@ -12,8 +12,8 @@ from typing import Any
 from .._errors import AdapterMismatchError
 from .._extras import Trainable, check_extra_fit
 from .._factors import LoraFactors
-from .._merge import check_fit
 from .._paths import unbox
+from .._weight_merge import check_fit
 from ..quant._weight import QuantizedWeight
 from ..variants._dora_layers import DORA_SUFFIX
 from ._intercept import SUFFIX

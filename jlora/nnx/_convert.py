@@ -19,8 +19,9 @@ from flax import nnx
 from .._errors import AdapterMismatchError
 from .._extras import Trainable, check_extra_fit
 from .._factors import LoraFactors
-from .._merge import _combine, adapter_tables, check_fit
+from .._merge import adapter_tables
 from .._paths import nest
+from .._weight_merge import _combine, check_fit
 from ..quant._weight import QuantizedWeight, dequantize
 from ..variants._dora_layers import MAGNITUDE
 from ._adapted import LoraParam, detach, weight_of
