@@ -58,12 +58,12 @@ Example:
 """
 
 from ._adapted import LoraParam as LoraParam
-from ._convert import merge as merge
 from ._convert import set_adapters as set_adapters
 from ._convert import to_adapters as to_adapters
 from ._convert import to_state as to_state
 from ._extras import TRAINABLE as TRAINABLE
 from ._lora import lora as lora
+from ._merge import merge as merge
 from ._summary import summary as summary
 
 __all__ = [
