@@ -33,7 +33,7 @@ import steps as train  # noqa: E402
 from decoder import Decoder, Size  # noqa: E402
 from timing import JaxCase  # noqa: E402
 
-from jlora import ops  # noqa: E402
+from jlora.ops import _dense  # noqa: E402
 
 
 def bf16_intermediate(rows, a, b, scale):
@@ -59,13 +59,14 @@ def cases(size: Size) -> list[tuple[str, str, JaxCase]]:
                                                      loss_index=None)))
         step = built["jlora (all linear)"][:2]
         out.append((f"{name} jlora (all linear)", name, JaxCase("j", *step, carry=2, loss_index=2)))
-    current, ops._factored = ops._factored, bf16_intermediate  # traced (in JaxCase) while patched
+    # traced (in JaxCase) while patched
+    current, _dense._factored = _dense._factored, bf16_intermediate
     try:
         step = build()["jlora (all linear)"][:2]
         out.append(("bfloat16 jlora, bfloat16 intermediate", "bfloat16",
                     JaxCase("o", *step, carry=2, loss_index=2)))
     finally:
-        ops._factored = current
+        _dense._factored = current
     return out
 
 

@@ -31,7 +31,6 @@ a kill leaves the old state and, at worst, a scratch directory the next save rem
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -39,37 +38,17 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
 
 from etils import epath
 
 from ._dirs import is_local, is_symlink, lexists
+from ._durable import _fsync_dir, _write_atomically, locked
+from ._owners import JOURNAL, _journal, _owner_dead, _start_time
 
-JOURNAL = "journal.json"
 PREVIOUS = "previous"
 _INFIX = {"merge": ".jlora-merge-", "save": ".jlora-save-"}
 _NAME = re.compile(r"^\.(?P<out>.+)\.jlora-merge-(?:(?P<pid>\d+)-)?(?P<tag>[0-9a-f]{12})$")
 _SAVE_NAME = re.compile(r"^\.(?P<out>.+)\.jlora-save-(?P<pid>\d+)-(?P<tag>[0-9a-f]{12})$")
-
-
-def _start_time(pid: int) -> str | None:
-    # Field 22 of /proc/<pid>/stat: the process's start time since boot, in clock ticks.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        pass
-    return start is None or _start_time(pid) in (None, start)
 
 
 @dataclasses.dataclass
@@ -124,52 +103,6 @@ class Scratch:
                 time.sleep(0.05 * (attempt + 1))
         return False
 
-
-def _write_atomically(path: epath.Path, text: str) -> None:
-    if not is_local(path):
-        path.write_text(text)
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.fspath(path)))
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def locked(directory: epath.Path) -> Iterator[None]:
-    """Holds an exclusive ``flock`` on ``directory`` (nothing where flock is unavailable)."""
-    fd = None
-    if is_local(directory):
-        try:
-            import fcntl
-
-            fd = os.open(os.fspath(directory), os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except (OSError, ImportError):
-            if fd is not None:
-                os.close(fd)
-            fd = None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
 
 
 def swap(new: epath.Path, out: epath.Path, scratch: Scratch) -> None:
@@ -243,21 +176,6 @@ def remove_dead_saves(parent: epath.Path) -> list[str]:
                 actions.append(f"removed {scratch}, left by a save that did not finish")
     return actions
 
-
-def _journal(scratch: epath.Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((scratch / JOURNAL).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _owner_dead(name_pid: str | None, journal: dict[str, Any] | None) -> bool:
-    if journal is not None:
-        if journal.get("host") != socket.gethostname() or not isinstance(journal.get("pid"), int):
-            return False
-        return not _alive(journal["pid"], journal.get("start"))
-    return name_pid is not None and not _alive(int(name_pid), None)
 
 
 def recover(out: epath.Path) -> list[str]:

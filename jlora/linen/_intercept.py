@@ -4,42 +4,34 @@
 puts its :class:`~jlora.LoraFactors` next to it under ``.../kernel@lora``. Flax's lifted transforms
 (``nn.scan``, ``nn.vmap``, ``nn.remat``) slice, broadcast and checkpoint a collection as a whole, so
 inside a scanned body a layer sees its own slice of its factors exactly as it sees its own slice of
-its kernel. Factors reached by closure would instead be the whole stack in every layer.
+its kernel (:mod:`jlora.linen._inject`). Factors reached by closure would instead be the whole
+stack in every layer.
 
 An interceptor (``nn.intercept_methods``) runs around every module method: for a supported layer
 (:mod:`jlora.linen._layers`) it calls the unmodified method, reads ``<param>@lora`` from the
 module's own scope and adds the factored term. A second interceptor only records module kinds and
-layouts, for :meth:`jlora.linen.LoraModel.init_adapters`, while :func:`trace` runs the model
-abstractly.
+layouts, for :meth:`jlora.linen.LoraModel.init_adapters`, while :func:`~jlora.linen._trace.trace`
+runs the model abstractly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
-import numpy as np
 
 from .._config import LoraConfig
 from .._errors import AdapterMismatchError, MissingRngError
-from .._extras import Trainable, check_extra_fit
 from .._factors import LoraFactors
 from .._layout import Layout
-from .._merge import check_fit
-from .._paths import unbox
 from ..quant._layers import linen_base
-from ..quant._weight import QuantizedWeight
 from ..variants._dora_layers import DORA_SUFFIX
 from ._dora import dora_output
 from ._layer_kind import LayerKind, Unsupported
-from ._layers import SUPPORTED, add_term, kind_name, kind_of, owns_call
+from ._layers import add_term, kind_name, kind_of, owns_call
 
 SUFFIX = "@lora"
-_TRACES = itertools.count()
 
 
 def join(owner: str, name: str) -> str:
@@ -176,143 +168,3 @@ def _check_layout(path: str, kind: LayerKind, factors: LoraFactors, layout: Layo
             "were made with a wrong layout. Create them with the init_adapters of a LoraModel with "
             "this config, which reads layouts from the modules (and LoraConfig.layouts)"
         )
-
-
-def unused_reason(path: str, seen: dict[str, Seen]) -> str | None:
-    """Why the weight at ``path`` cannot be adapted, given the modules met; None if it can be.
-
-    A weight whose module never ran has no reason against it (``method=`` may run part of a
-    model).
-    """
-    owner, _, name = path.rpartition("/")
-    module = seen.get(owner)
-    if module is None:
-        return None
-    where = f"the module at '{owner}'" if owner else "the root module"
-    if module.kind is None:
-        return (
-            f"{where} is a {module.kind_name}, which jlora.linen cannot adapt; it adapts "
-            f"{SUPPORTED}. Exclude this path or narrow the targets"
-        )
-    if name != module.kind.param:
-        return (
-            f"{where} is an {module.kind.name}, whose only adaptable weight is "
-            f"{module.kind.param!r}, not {name!r}. Narrow the targets to '.*/{module.kind.param}'"
-        )
-    if isinstance(module.layout, Unsupported):
-        return str(module.layout)
-    if module.layout is None:
-        return (
-            f"{where} ({module.kind.name}) ran, but not through "
-            f"{' or '.join(module.kind.methods)}: the model reads its {name!r} directly (or a "
-            "subclass overrides the method without calling super()), which jlora cannot see. Call "
-            "the module instead (e.g. embed.attend(x) for a tied head), or exclude this path"
-        )
-    return None
-
-
-def inject(
-    params: Any, table: dict[str, LoraFactors], extras: Mapping[str, Trainable] | None = None
-) -> dict[str, Any]:
-    """A shallow copy of ``params`` with each adapter at ``<weight path>@lora``.
-
-    Each trainable extra replaces its weight (``params`` itself is not modified), so the model
-    computes with, and differentiates, the extra's value.
-    """
-    root = dict(params)
-    copied = {id(root)}
-    extras = extras or {}
-    for path, factors in [*table.items(), *extras.items()]:
-        *parents, name = path.split("/")
-        node = root
-        for key in parents:
-            child = node.get(key)
-            if not isinstance(child, Mapping):
-                node = None
-                break
-            if id(child) not in copied:
-                child = dict(child)
-                copied.add(id(child))
-                node[key] = child
-            node = child
-        if node is None or name not in node:
-            what = "a trainable extra" if path in extras else "factors"
-            raise AdapterMismatchError(
-                f"{path}: the adapters have {what} at this path but the params have no such "
-                "weight. Were these adapters made for another model? Create them with "
-                "LoraModel.init_adapters on this model's params"
-            )
-        if isinstance(factors, Trainable):
-            check_extra_fit(path, node[name], factors)
-            node[name] = factors.value
-            continue
-        weight = node[name]  # a quantised weight has a shape and dtype; unboxing would dequantise
-        check_fit(path, weight if isinstance(weight, QuantizedWeight) else unbox(weight), factors)
-        node[name + SUFFIX] = factors
-    return root
-
-
-def strip(tree: Any) -> Any:
-    """``tree`` without ``@lora`` / ``@dora`` entries (for collections returned by ``mutable=``)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    return {k: strip(v) for k, v in tree.items() if not str(k).endswith((SUFFIX, DORA_SUFFIX))}
-
-
-@dataclasses.dataclass
-class Trace:
-    """What one abstract run of a model met: its modules, and the layers whose output is (part
-    of) the model's output: its output heads."""
-
-    seen: dict[str, Seen]
-    heads: set[str]
-
-
-def trace(
-    model: nn.Module,
-    params: Any,
-    args: tuple,
-    kwargs: dict,
-    variables: dict[str, Any],
-    rngs: Any,
-    method: Any,
-    config: LoraConfig | None = None,
-    custom: tuple[tuple[type, LayerKind], ...] = (),
-) -> Trace:
-    """Runs ``model.apply`` abstractly (``jax.eval_shape``) and returns the modules it met.
-
-    Array inputs (and ``jax.ShapeDtypeStruct``) are traced; every other input (flags such as
-    ``train=True``) stays a Python value, so the model takes the same branches as in a real call.
-    """
-    recorder = Recorder(config, custom)
-    heads: set[str] = set()
-    flat, treedef = jax.tree.flatten((args, kwargs))
-    array_types = (jax.Array, np.ndarray, jax.ShapeDtypeStruct)
-    arrays = [i for i, x in enumerate(flat) if isinstance(x, array_types)]
-
-    def run(params, variables, leaves):
-        full = list(flat)
-        for i, leaf in zip(arrays, leaves, strict=True):
-            full[i] = leaf
-        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
-        with nn.intercept_methods(recorder):
-            out, _ = model.apply(
-                {"params": params, **variables},
-                *call_args,
-                rngs=rngs,
-                # Other collections may change (batch norm in train mode); params may not, so a
-                # model never silently creates a weight that is missing from params.
-                mutable=nn.DenyList("params"),
-                method=method,
-                **call_kwargs,
-            )
-        heads.update(
-            recorder.outputs[id(y)][0] for y in jax.tree.leaves(out) if id(y) in recorder.outputs
-        )
-        return out
-
-    # A collection no other trace has: Flax's nn.jit caches a traced method by its inputs'
-    # structure and would skip the Python body (and with it the recorder) on a second trace.
-    variables = {**variables, f"jlora_trace_{next(_TRACES)}": {"nonce": np.zeros((), np.int8)}}
-    jax.eval_shape(run, params, variables, [flat[i] for i in arrays])
-    return Trace(recorder.seen, heads)

@@ -14,9 +14,11 @@ from .._errors import AdapterMismatchError, MissingRngError
 from .._merge import adapter_tables
 from ..variants._dora_layers import magnitude_table
 from ._dora import add_magnitudes
-from ._intercept import Applier, inject, strip, unused_reason
+from ._inject import inject, strip
+from ._intercept import Applier
 from ._layer_kind import LayerKind, custom_kind
 from ._reading import ModelReading
+from ._trace import unused_reason
 
 
 @dataclasses.dataclass(frozen=True)

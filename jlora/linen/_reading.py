@@ -20,8 +20,9 @@ from .._layout import Layout
 from .._paths import leaves_with_paths
 from .._summary import AdapterSummary, summary
 from .._targets import check_patterns, exact_config
-from ._intercept import Trace, join, trace, unused_reason
+from ._intercept import join
 from ._layer_kind import custom_kind
+from ._trace import Trace, trace, unused_reason
 
 
 class ModelReading:

@@ -20,17 +20,17 @@
 """
 
 from ._adalora import AdaloraFactors as AdaloraFactors
-from ._adalora import AdaloraState as AdaloraState
-from ._adalora import adalora_budget as adalora_budget
 from ._adalora import adalora_init as adalora_init
-from ._adalora import adalora_mask as adalora_mask
 from ._adalora import adalora_orth as adalora_orth
 from ._adalora import adalora_ranks as adalora_ranks
-from ._adalora import adalora_scores as adalora_scores
-from ._adalora import adalora_state as adalora_state
 from ._adalora import adalora_to_lora as adalora_to_lora
 from ._adalora import adalora_total_rank as adalora_total_rank
-from ._adalora import adalora_update_importance as adalora_update_importance
+from ._adalora_importance import AdaloraState as AdaloraState
+from ._adalora_importance import adalora_budget as adalora_budget
+from ._adalora_importance import adalora_mask as adalora_mask
+from ._adalora_importance import adalora_scores as adalora_scores
+from ._adalora_importance import adalora_state as adalora_state
+from ._adalora_importance import adalora_update_importance as adalora_update_importance
 from ._dora import dora_dense as dora_dense
 from ._dora import dora_magnitudes as dora_magnitudes
 from ._dora_merge import dora_merge as dora_merge

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from .. import _checks
 from .._errors import AdapterMismatchError
 from .._factors import LoraFactors
-from .._merge import check_fit, factors_by_path
+from .._merge import factors_by_path
 from .._paths import is_box, nest, path_to_str, unbox
+from .._weight_merge import check_fit
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from .._errors import AdapterMismatchError
 from .._factors import LoraFactors
-from .._merge import _on_sharding_of, factor_delta
 from .._paths import is_box, path_to_str
+from .._weight_merge import _on_sharding_of, factor_delta
 from ._dora import _factor_order, _from_factor_order, _table
 
 
