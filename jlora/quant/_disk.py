@@ -31,7 +31,7 @@ from .._errors import AdapterMismatchError
 from .._paths import nest, path_to_str
 from ..checkpoint import _base
 from ..checkpoint import _disk_merge as dm
-from ..checkpoint._adapters import PathLike
+from ..checkpoint._steps import PathLike
 from ..checkpoint._host_restore import restore_on_host
 from ..checkpoint._leaf_io import _Leaf
 from . import _store
