@@ -10,6 +10,9 @@ subprocesses, alternating, ``--rounds`` times each:
   merge that must read and write every byte;
 * ``merge``: ``jlora.checkpoint.merge_checkpoint(base, adapter, out)`` (default group size);
 * ``merge + progress``: the same with ``progress=True`` (tqdm, output to /dev/null);
+* ``merge, checks off``: the merge with ``check_finite=False, base_digest=False``: no NaN/Inf
+  scan and no SHA-256 digest of the base, the same work as orbax's restore + save plus the
+  leaf merges, so the row shows what the checks cost and what the I/O path alone reaches;
 * ``merge, MALLOC_MMAP_THRESHOLD_=1 MiB`` (``--malloc``): the merge with glibc returning large
   freed buffers at once, as the ``jlora merge`` command line runs it.
 
@@ -46,6 +49,7 @@ LAYOUTS = {  # name -> (dtype, leaves, shape)
 
 
 MALLOC = "merge, MALLOC_MMAP_THRESHOLD_=1 MiB"
+CHECKS_OFF = "merge, checks off"
 BEFORE = "merge, before (--baseline)"
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -81,7 +85,7 @@ def prepare(work: pathlib.Path, dtype: str, leaves: int, shape: tuple[int, int])
     jlora.checkpoint.save(work / "adapter", adapters, config, base=params)
 
 
-def run(work: pathlib.Path, mode: str) -> dict:
+def run(work: pathlib.Path, mode: str, group_bytes: int) -> dict:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
@@ -103,8 +107,10 @@ def run(work: pathlib.Path, mode: str) -> dict:
         with open(os.devnull, "w") as sink:
             stderr, sys.stderr = sys.stderr, sink
             try:
+                checks = mode != CHECKS_OFF
                 summary = jlora.checkpoint.merge_checkpoint(
-                    work / "base", work / "adapter", out, progress=mode == "merge + progress"
+                    work / "base", work / "adapter", out, progress=mode == "merge + progress",
+                    check_finite=checks, base_digest=checks, group_bytes=group_bytes,
                 )
             finally:
                 sys.stderr = stderr
@@ -139,6 +145,9 @@ def main() -> None:
     parser.add_argument(
         "--baseline", default=None, help="a checkout of another jlora: adds its merge as a mode"
     )
+    parser.add_argument(
+        "--group-mib", type=int, default=128, help="the merge's group_bytes, in MiB (default 128)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     root = pathlib.Path(args.dir)
@@ -158,7 +167,7 @@ def main() -> None:
             print(f"preparing {name}", file=sys.stderr, flush=True)
             spec = json.dumps([dtype, leaves, list(shape)])
             subprocess.run([sys.executable, me, "--prepare", str(work), spec], env=env, check=True)
-            modes = ["orbax", "merge", "merge + progress"] + [MALLOC] * args.malloc
+            modes = ["orbax", "merge", CHECKS_OFF, "merge + progress"] + [MALLOC] * args.malloc
             modes += [BEFORE] * bool(args.baseline)
             results: dict[str, list[dict]] = {mode: [] for mode in modes}
             for _ in range(args.rounds):
@@ -167,7 +176,7 @@ def main() -> None:
                     if mode == BEFORE:
                         extra = {"PYTHONPATH": str(pathlib.Path(args.baseline).resolve())}
                     done = subprocess.run(
-                        [sys.executable, me, "--run", str(work), mode],
+                        [sys.executable, me, "--run", str(work), mode, str(args.group_mib << 20)],
                         env={**env, **extra}, check=True, capture_output=True, text=True,
                     )
                     results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -196,7 +205,8 @@ def main() -> None:
     report = "\n".join(
         [
             f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}; {os.cpu_count()} cores; "
-            f"disk {root}; --scale {args.scale:g} of each layout's leaves; median of "
+            f"disk {root}; --scale {args.scale:g} of each layout's leaves; groups of "
+            f"{args.group_mib} MiB; median of "
             f"{args.rounds} alternating rounds, each in a fresh process; "
             f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} (start, after each "
             "layout).",
@@ -217,6 +227,6 @@ if __name__ == "__main__":
         dtype, leaves, shape = json.loads(sys.argv[3])
         prepare(pathlib.Path(sys.argv[2]), dtype, leaves, tuple(shape))
     elif len(sys.argv) > 1 and sys.argv[1] == "--run":
-        print(json.dumps(run(pathlib.Path(sys.argv[2]), sys.argv[3])))
+        print(json.dumps(run(pathlib.Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))
     else:
         main()

@@ -25,11 +25,11 @@ any moment is repaired by the next merge into the same output, or by :func:`reco
 
 from ._adapters import save as save
 from ._adapters import save_args as save_args
-from ._adapters import steps as steps
 from ._disk_merge import MergeSummary as MergeSummary
 from ._disk_merge import merge_checkpoint as merge_checkpoint
 from ._disk_merge import recover_merge as recover_merge
 from ._restore import restore as restore
+from ._steps import steps as steps
 
 __all__ = [
     "MergeSummary",

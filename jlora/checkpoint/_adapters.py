@@ -27,18 +27,12 @@ from etils import epath
 
 from .. import _atomic, _checks, _dirs
 from .._config import LoraConfig
-from .._errors import DamagedCheckpointError
 from .._extras import Trainable
 from .._factors import LoraFactors
 from .._paths import nest
 from . import _format as fmt
 from . import _magnitudes, _orbax_writes
-
-ARRAYS = "adapters"
-RECORD = "jlora"
-
-PathLike = str | os.PathLike
-
+from ._steps import ARRAYS, RECORD, PathLike, _check_step, first_line
 
 def _arrays_tree(
     table: dict[str, LoraFactors], extras: dict[str, Trainable], magnitudes: dict[str, Any]
@@ -103,67 +97,6 @@ def save_args(
             RECORD: ocp.args.JsonSave(fmt.record(table, config, base, extras, base_digest, ms)),
         }
     )
-
-
-def _is_checkpoint(path: epath.Path) -> bool:
-    return (path / RECORD).is_dir() and (path / ARRAYS).is_dir()
-
-
-def steps(directory: PathLike) -> list[int]:
-    """The steps saved under ``directory`` (``directory/<step>/`` checkpoints), ascending.
-
-    Half-written checkpoints (orbax's temporary directories) are not steps.
-
-    Example:
-        >>> import tempfile
-        >>> steps(tempfile.mkdtemp())
-        []
-    """
-    root = epath.Path(_checks.path(directory, "directory"))
-    if not root.is_dir():
-        if _dirs.lexists(root):
-            raise NotADirectoryError(
-                f"directory {root}: is a file; expected a directory holding <step>/ checkpoints "
-                "(or a missing one: no steps)"
-            )
-        return []
-    found = [int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_checkpoint(p)]
-    return sorted(found)
-
-
-def _check_step(step: Any) -> int:
-    return _checks.step(step)
-
-
-def resolve(directory: PathLike, step: int | None) -> epath.Path:
-    root = epath.Path(_checks.path(directory, "directory"))
-    if step is not None:
-        path = root / str(_check_step(step))
-        if not _is_checkpoint(path):
-            raise FileNotFoundError(
-                f"{path}: no adapter checkpoint for step {step}; steps saved under {root}: "
-                f"{steps(root)}"
-            )
-        return path
-    if _is_checkpoint(root):
-        return root
-    found = steps(root)
-    if not found:
-        raise FileNotFoundError(
-            f"{root}: no adapter checkpoint here, and no step directories holding one; expected a "
-            "directory written by jlora.checkpoint.save (or a CheckpointManager root of them)"
-            + _what_it_is(root)
-        )
-    return root / str(found[-1])
-
-
-def _what_it_is(root: epath.Path) -> str:
-    """A hint naming a directory of another kind than an adapter checkpoint, or ''."""
-    if (root / "adapter_config.json").is_file():
-        return f". {root} holds a PEFT adapter: read it with jlora.peft.load"
-    if (root / "_METADATA").is_file():
-        return f". {root} is an orbax PyTree checkpoint (a model's parameters?), not adapters"
-    return ""
 
 
 def save(
@@ -319,30 +252,3 @@ def _raise_write_failed(path: epath.Path, e: Exception, partial: str) -> None:
         f"{path}: writing the adapter checkpoint failed ({cause}); nothing was saved there and "
         f"{partial}. {fix} and save again",
     ) from None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= 200 else line[:200] + " ..."
-
-
-def read_record(path: epath.Path) -> dict:
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(
-                path, args=ocp.args.Composite(**{RECORD: ocp.args.JsonRestore()})
-            )
-        return restored[RECORD]
-    except Exception as e:
-        raise DamagedCheckpointError(
-            f"the checkpoint at {path} is damaged: its record {path / RECORD / 'metadata'} cannot "
-            f"be read ({type(e).__name__}: {first_line(e)}). Restore an intact copy, or save "
-            "the adapters again"
-        ) from None
-
-
-def saved_record(directory: PathLike, step: int | None = None) -> fmt.Record:
-    """The validated JSON record of the adapter checkpoint at ``directory`` (or its ``step``)."""
-    path = resolve(_dirs.absolute(_checks.path(directory, "directory")), step)
-    return fmt.parse(read_record(path), str(path))

@@ -12,7 +12,7 @@ from .. import _digest
 from .._errors import DamagedCheckpointError, NonFiniteError
 from .._paths import leaves_with_paths
 from . import _format as fmt
-from ._adapters import ARRAYS, first_line
+from ._steps import ARRAYS, first_line
 
 
 def _check_array_metadata(

@@ -41,7 +41,7 @@ from .. import _atomic, _checks, _digest, _dirs
 from .._merge import merge
 from .._paths import nest
 from . import _base
-from ._adapters import PathLike
+from ._steps import PathLike
 from ._host_restore import restore_on_host
 from ._leaf_io import _finalize as _finalize
 from ._leaf_io import _groups as _groups

@@ -28,13 +28,14 @@ from .._paths import leaves_with_paths, nest
 from . import _base
 from . import _format as fmt
 from . import _magnitudes as mag
-from ._adapters import ARRAYS, PathLike, first_line, read_record, resolve
+from . import _parse
+from ._steps import ARRAYS, PathLike, first_line, read_record, resolve
 from ._array_checks import _check_array_metadata, _unreadable, _verify
 
 
 def restore_on_host(
     directory: PathLike, *, step: int | None, base: Any, check_finite: bool
-) -> tuple[dict[str, LoraFactors], dict[str, Trainable], fmt.Record]:
+) -> tuple[dict[str, LoraFactors], dict[str, Trainable], _parse.Record]:
     """``({path: LoraFactors}, {path: Trainable}, record)`` of the checkpoint, arrays in NumPy.
 
     Checks and refuses as ``restore(directory, step=step, base=base, check_finite=check_finite)``
@@ -42,7 +43,7 @@ def restore_on_host(
     """
     path = resolve(_dirs.absolute(_checks.path(directory, "directory")), step)
     _checks.flag(check_finite, "check_finite")
-    rec = fmt.parse(read_record(path), str(path))
+    rec = _parse.parse(read_record(path), str(path))
     if rec.magnitudes:
         mag.refuse_unasked(str(path), list(rec.magnitudes))
     if rec.base is not None:
@@ -59,7 +60,7 @@ def restore_on_host(
     return table, extras, rec
 
 
-def _read_once(path: epath.Path, rec: fmt.Record) -> dict[str, np.ndarray]:
+def _read_once(path: epath.Path, rec: _parse.Record) -> dict[str, np.ndarray]:
     expected = {f"{p}/{n}": (getattr(r, f"{n}_shape"), getattr(r, f"{n}_dtype"))
                 for p, r in rec.adapters.items() for n in ("a", "b")}  # fmt: skip
     expected.update({p: (r.shape, r.dtype) for p, r in rec.extras.items()})

@@ -22,7 +22,7 @@ from etils import epath
 from .. import _dirs
 from .._errors import DamagedCheckpointError
 from .._paths import key_to_str, nest
-from ._adapters import RECORD
+from ._steps import RECORD
 
 _METADATA = "_METADATA"
 

@@ -1,6 +1,6 @@
 """Restoring adapter checkpoints: the record, orbax's metadata and every array checked first.
 
-:func:`restore` reads the JSON record (validated by ``_format.parse``), compares it with
+:func:`restore` reads the JSON record (validated by ``_parse.parse``), compares it with
 orbax's own metadata of the arrays, checks the base against the saved fingerprint and content
 digests, reads the arrays in their saved dtypes onto the shardings asked for, verifies each
 against its SHA-256 digest and (by default) for NaN/Inf, and only then casts to a target's dtypes
@@ -25,7 +25,8 @@ from .._paths import is_box, leaves_with_paths, nest, path_to_str
 from . import _base
 from . import _format as fmt
 from . import _magnitudes as mag
-from ._adapters import ARRAYS, PathLike, first_line, read_record, resolve
+from . import _parse
+from ._steps import ARRAYS, PathLike, first_line, read_record, resolve
 from ._array_checks import _check_array_metadata, _unreadable, _verify
 
 
@@ -201,7 +202,7 @@ def restore(
     _checks.flag(base_digest, "base_digest")
     _checks.flag(check_finite, "check_finite")
     _checks.flag(magnitudes, "magnitudes")
-    rec = fmt.parse(read_record(path), str(path))
+    rec = _parse.parse(read_record(path), str(path))
     if rec.magnitudes and not magnitudes:
         mag.refuse_unasked(str(path), list(rec.magnitudes))
     config, records, extra_records = rec.config, rec.adapters, rec.extras

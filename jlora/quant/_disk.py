@@ -28,13 +28,12 @@ import orbax.checkpoint as ocp
 
 from .. import _atomic, _checks, _digest, _dirs
 from .._errors import AdapterMismatchError
-from .._merge import adapter_tables
 from .._paths import nest, path_to_str
 from ..checkpoint import _base
 from ..checkpoint import _disk_merge as dm
-from ..checkpoint._adapters import PathLike, saved_record
+from ..checkpoint._steps import PathLike
+from ..checkpoint._host_restore import restore_on_host
 from ..checkpoint._leaf_io import _Leaf
-from ..checkpoint._restore import restore
 from . import _store
 from ._merge import RequantizationError, merge
 from ._weight import QuantizedWeight, dequantize
@@ -180,10 +179,12 @@ def merge_checkpoint(
     like = _like(pytree_dir, disk, like, base)
     units = _units(like, disk, base)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like, is_leaf=_is_q)
-    adapters, _ = restore(adapter, step=adapter_step, base=abstract, check_finite=check_finite)
-    table, extras = adapter_tables(adapters)
+    # One NumPy read of the adapter arrays, with restore's checks and refusals (its wording).
+    table, extras, record = restore_on_host(
+        adapter, step=adapter_step, base=abstract, check_finite=check_finite
+    )
     _checks.flag(base_digest, "base_digest")
-    digests = saved_record(adapter, adapter_step).base_digests if base_digest else None
+    digests = record.base_digests if base_digest else None
     report: dict[str, RequantizationError] = {}
     written_meta: dict[str, dict[str, Any]] = {}
     merged = copied = peak = 0

@@ -30,7 +30,7 @@ import numpy as np
 from .. import _atomic, _checks, _dirs
 from .._errors import AdapterMismatchError
 from .._paths import nest, path_to_str
-from ..checkpoint._adapters import PathLike
+from ..checkpoint._steps import PathLike
 from . import _codes
 from ._weight import QuantizedWeight
 
