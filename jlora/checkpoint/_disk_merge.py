@@ -13,9 +13,10 @@ a PyTree checkpoint like the one ``ocp.StandardCheckpointer().save`` writes:
 ``ocp.StandardCheckpointer().restore(out)`` and ``ocp.v1.load_pytree(out)`` read it, and it can be
 the base of a further merge.
 
-Peak host memory is about one group (``group_bytes``, or the largest leaf if bigger) plus the
-work of merging one leaf: its float32 delta and the merged leaf (twice a float32 leaf, three
-times a bfloat16 one). The adapters are read once, onto the host (``_host_restore``). Merged
+Peak host memory is about twice a group (``group_bytes``, or the largest leaf if bigger: orbax
+reads a group's leaves together and holds the merged group while it writes it) plus the work of
+merging one leaf: its float32 delta and the merged leaf (twice a float32 leaf, three times a
+bfloat16 one). The adapters are read once, onto the host (``_host_restore``). Merged
 leaves get their delta from :func:`jlora.merge`'s own code, in one jitted pass per leaf
 (``_leaf_merge``), so they equal the in-memory merge bit for bit. The resident size also depends
 on the allocator: glibc keeps freed buffers of up to 32 MiB in its heap once its adaptive mmap
@@ -124,8 +125,8 @@ def merge_checkpoint(
     """Folds an adapter checkpoint into a base checkpoint on disk and writes a new base checkpoint.
 
     The base is read and the result written a group of leaves at a time (at most ``group_bytes``
-    of base leaves, or one leaf if it is larger), so host memory stays near the largest leaf, not
-    the model. Each adapted leaf is computed as :func:`jlora.merge` computes it, so the output
+    of base leaves, or one leaf if it is larger), so host memory stays near a few groups, not the
+    model. Each adapted leaf is computed as :func:`jlora.merge` computes it, so the output
     equals the in-memory ``jlora.merge(base, adapters)`` bit for bit (a trainable extra's leaf is
     the extra's saved value); other leaves are copied.
 
