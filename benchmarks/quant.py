@@ -47,7 +47,6 @@ if THREADS and __name__ == "__main__":
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_cpu_multi_thread_eigen={'true' if THREADS > 1 else 'false'}"
-        + f" intra_op_parallelism_threads={THREADS}"
     ).strip()
 
 from unittest import mock  # noqa: E402

@@ -47,11 +47,12 @@ if THREADS:
     # splits each op over several threads waits at every op for a core to come free, so the clock
     # measures the scheduler; pinned to THREADS cores (torch children inherit it) with XLA's and
     # torch's intra-op pools at that size, CPU time is the step's own work.
+    # XLA has no intra-op thread flag (a bare `intra_op_parallelism_threads=N` token in
+    # XLA_FLAGS silently ends parsing there); its pool sizes itself from this affinity mask.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_cpu_multi_thread_eigen={'true' if THREADS > 1 else 'false'}"
-        + f" intra_op_parallelism_threads={THREADS}"
     ).strip()
 
 import jax  # noqa: E402

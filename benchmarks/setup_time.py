@@ -31,7 +31,7 @@ import time
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
-    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    + " --xla_cpu_multi_thread_eigen=false"
 ).strip()
 
 import decoder_nnx  # noqa: E402

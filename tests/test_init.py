@@ -153,3 +153,53 @@ def test_layout_with_too_many_axes():
     config = LoraConfig(targets="w", rank=1, layouts={"w": "iio"})
     with pytest.raises(TargetError, match=r"w: layout 'iio' needs at least 3 axes"):
         jlora.init(jax.random.key(0), params, config)
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "kaiming_uniform"])
+def test_size_class_draw_gives_the_per_shape_draws_bits(scheme, monkeypatch):
+    # Unsharded float32 init draws each factor as the prefix of one flat draw per power-of-two
+    # size; the per-shape draw (sharded init's) must give the same bits, embeddings and stacked
+    # layouts included, and factors of one size class must share the draw program.
+    from jlora import _factors
+
+    params = {
+        **transformer_params(layers=1),
+        "stack": np.zeros((3, 6, 5), np.float32),
+        "conv": np.zeros((3, 3, 2, 4), np.float32),
+    }
+    config = LoraConfig(
+        targets=r".*(query|up)/kernel|embed/embedding|stack|conv",
+        rank=1,
+        rank_pattern={".*query.*": 2},
+        layouts={"stack": "sio", "conv": "iiio"},
+        init=scheme,
+    )
+    key = jax.random.key(7)
+    sizes, flat = [], _factors._draw_flat
+    monkeypatch.setattr(_factors, "_draw_flat", lambda *a: sizes.append(a[2]) or flat(*a))
+    got = jlora.init(key, params, config)
+    # query a: 16x2 -> 32; up a: 16x1 and embedding b: 1x16 -> 16; stack a: 3x6x1 and conv a:
+    # 18x1 -> 32. Five factors, two draw programs (static size and scheme).
+    assert sorted(sizes) == [16, 16, 32, 32, 32]
+    monkeypatch.setattr(_factors, "_bucketable", lambda key, dtype: False)
+    want = jlora.init(key, params, config)
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    for g, w in pairs:
+        assert g.shape == w.shape and g.dtype == w.dtype == jnp.float32
+        assert np.asarray(g).tobytes() == np.asarray(w).tobytes()
+    assert np.any(jax.tree.leaves(got)[0])
+
+
+def test_size_class_draw_only_for_float32_threefry_keys():
+    from jlora import _factors
+
+    assert _factors._bucketable(jax.random.key(0), "float32")
+    assert _factors._bucketable(jax.random.PRNGKey(0), "float32")  # raw uint32 keys: threefry
+    assert not _factors._bucketable(jax.random.key(0), "bfloat16")
+    assert not _factors._bucketable(jax.random.key(0, impl="rbg"), "float32")
+    with jax.threefry_partitionable(False):  # element i then depends on the draw's size
+        assert not _factors._bucketable(jax.random.key(0), "float32")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):  # sharded init's per-shape draw, bit for bit
+        assert not _factors._bucketable(jax.random.key(0), "float32")

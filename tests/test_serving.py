@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models_linen import Decoder, Expert
+from models_linen import Decoder, Expert, random_variables
 from numerics import EPS32, abs_chain, assert_within_roundoff, delta_reference, f64
 
 import jlora
@@ -250,10 +250,10 @@ def test_lookup_attend_and_einsum_terms():
 @pytest.fixture(scope="module")
 def decoder_bank():
     """A Linen decoder, three random adapters of it (shapes from ``jax.eval_shape``: the values are
-    drawn) and their bank; compiled inits, so no program is compiled per weight shape."""
+    drawn, as the decoder's) and their bank; no init program is compiled."""
     model = Decoder()
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 13, size=(6, 7)), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    params = jax.tree.map(jnp.asarray, random_variables(model, tokens)["params"])  # NumPy-drawn
     configs = {
         "all": jlora.LoraConfig(targets=".*(kernel|embedding)", rank=3, alpha=6.0),
         "attn": jlora.LoraConfig(targets=".*(query|value)/kernel", rank=2, alpha=1.0),
@@ -280,15 +280,13 @@ NAMES = ["all", None, "mlp", "attn", "all", None]
 def decoder_references(decoder_bank):
     """Per adapter name: the outputs of that adapter alone (jlora.linen) and merged (None: base)."""
     model, params, tokens, configs, adapters, bank = decoder_bank
-    base = jax.jit(model.apply)({"params": params}, tokens)
-    refs = {None: [base]}
+    plain = jax.jit(lambda p: model.apply({"params": p}, tokens))  # base and merged: one program
+    merge = jax.jit(jlora.merge)
+    refs = {None: [plain(params)]}
     for name in configs:
         lora = jlora.linen.lora(model, configs[name])
         alone = jax.jit(lora.apply)(params, adapters[name], tokens)
-        merged = jax.jit(lambda p, a: model.apply({"params": jlora.merge(p, a)}, tokens))(
-            params, adapters[name]
-        )
-        refs[name] = [alone, merged]
+        refs[name] = [alone, plain(merge(params, adapters[name]))]
     return model, params, tokens, bank, refs
 
 

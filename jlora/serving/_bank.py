@@ -171,10 +171,10 @@ class AdapterBank(BankMaking):
         updates = {
             p: new[p]
             if p in new
-            else BankFactors(
-                jnp.zeros(bf.a.shape[1:], bf.a.dtype),
-                jnp.zeros(bf.b.shape[1:], bf.b.dtype),
-                jnp.zeros((), bf.scale.dtype),
+            else BankFactors(  # one slot's zeros on the host, as put's padded factors: the
+                np.zeros(bf.a.shape[1:], bf.a.dtype),  # writer moves them, no program per shape
+                np.zeros(bf.b.shape[1:], bf.b.dtype),
+                np.zeros((), bf.scale.dtype),
                 bf.layout,
             )
             for p, bf in self.table.items()

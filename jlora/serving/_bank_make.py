@@ -15,7 +15,7 @@ import numpy as np
 
 from .._errors import BankError
 from .._paths import unbox
-from ._slots import BankFactors, adapter_table, template_layouts
+from ._slots import adapter_table, template_layouts, zero_table
 
 if TYPE_CHECKING:
     from ._bank import AdapterBank
@@ -75,19 +75,15 @@ class BankMaking:
                 "as 'float32' or 'bfloat16'"
             )
         leaves, layouts = template_layouts(params, template)
-        table, weights = {}, {}
+        spec, weights = [], {}
         for path in (p for p in leaves if p in layouts):
             leaf = unbox(leaves[path])
             shape, layout = tuple(leaf.shape), layouts[path]
             a_shape, b_shape = layout.factor_shapes(shape, int(max_rank))
-            table[path] = BankFactors(
-                jnp.zeros((capacity, *a_shape), dtype),
-                jnp.zeros((capacity, *b_shape), dtype),
-                jnp.zeros((capacity,), jnp.float32),  # scales stay float32 whatever the dtype
-                layout,
-            )
+            n = int(capacity)
+            spec.append((path, (n, *a_shape), (n, *b_shape), jnp.dtype(dtype).name, layout))
             weights[path] = (shape, jnp.dtype(leaf.dtype).name)
-        empty = cls(table, weights, *((None,) * capacity,) * 3)
+        empty = cls(zero_table(tuple(spec)), weights, *((None,) * capacity,) * 3)
         return empty.remove(0)  # every bank's arrays come out of the same jitted writer
 
     @classmethod

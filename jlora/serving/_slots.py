@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -42,6 +43,21 @@ def write_slot(table: dict, slot: jax.Array, new: dict) -> dict:
         return jax.lax.dynamic_update_index_in_dim(x, update.astype(x.dtype), slot, 0)
 
     return jax.tree.map(one, table, new)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def zero_table(spec: tuple) -> dict:
+    """``{path: BankFactors}`` of zeros for ``spec = ((path, a_shape, b_shape, dtype, layout), ...)``,
+    scales ``(capacity,)`` float32: one compiled program per bank structure, not one per shape."""
+    return {
+        path: BankFactors(
+            jnp.zeros(a_shape, dtype),
+            jnp.zeros(b_shape, dtype),
+            jnp.zeros(a_shape[:1], jnp.float32),  # scales stay float32 whatever the dtype
+            layout,
+        )
+        for path, a_shape, b_shape, dtype, layout in spec
+    }
 
 
 def pad(f: LoraFactors, rank: int) -> tuple[Any, Any]:
