@@ -119,55 +119,6 @@ _STATIC = (1, 2, 3, 4, 5, 6)
 _draw_pair_jit = jax.jit(_draw_pair, static_argnums=_STATIC)
 
 
-# Threefry's unrolled rounds make a draw slow to compile (0.15-0.4 s on XLA:CPU), and every new
-# factor shape compiled one. With partitionable threefry (jax's default) element i of a draw depends
-# on the key and i alone, so the first n values of a flat draw of a power-of-two size are the draw
-# of n values, bit for bit: one draw program per size class and bound-free (the bound is an
-# argument), and a cheap slice-and-zeros program per shape. Other keys and dtypes draw per shape.
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _draw_flat(key: jax.Array, bound: jax.Array, size: int, scheme: str) -> jax.Array:
-    if scheme == "gaussian":
-        return bound * jax.random.normal(key, (size,), jnp.float32)
-    return jax.random.uniform(key, (size,), jnp.float32, -bound, bound)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _shape_pair(flat: jax.Array, a_shape: tuple, b_shape: tuple, embedding: bool) -> tuple:
-    shape, zeros = (b_shape, a_shape) if embedding else (a_shape, b_shape)
-    drawn = flat[: math.prod(shape)].reshape(shape)
-    return (jnp.zeros(zeros, flat.dtype), drawn) if embedding else (drawn, jnp.zeros(zeros))
-
-
-def _draw_pair_bucketed(
-    key: jax.Array,
-    a_shape: tuple[int, ...],
-    b_shape: tuple[int, ...],
-    fan_in: int,
-    embedding: bool,
-    scheme: str,
-    dtype: str,
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`_draw_pair`'s values (float32 threefry keys only), from a size-class draw."""
-    if embedding:
-        bound = 1.0 if scheme == "gaussian" else 1.0 / math.sqrt(a_shape[-1])
-    else:
-        bound = 1.0 / math.sqrt(fan_in)
-    n = math.prod(b_shape if embedding else a_shape)
-    flat = _draw_flat(key, np.float32(bound), 1 << (n - 1).bit_length(), scheme)
-    return _shape_pair(flat, a_shape, b_shape, embedding)
-
-
-def _bucketable(key: jax.Array, dtype: str) -> bool:
-    # Under a mesh jit partitions every draw, and a flat draw's partitioning (erfinv's last bits)
-    # differs from the sharded per-shape draw's: keep that one there.
-    return (
-        jax.sharding.get_abstract_mesh().empty
-        and jnp.dtype(dtype) == jnp.float32
-        and bool(jax.config.jax_threefry_partitionable)
-        and str(jax.random.key_impl(key)) == "threefry2x32"
-    )
-
-
 def draw(
     key: jax.Array,
     targets: Sequence[Target],
@@ -176,11 +127,10 @@ def draw(
 ) -> dict[str, Any]:
     """Initial factors for validated targets, optionally straight onto ``{path: (a, b)}`` shardings.
 
-    Sharded init runs the per-shape draw; unsharded float32 threefry init the size-class draw,
-    which gives the same bits (tested), so sharded and unsharded init are bit-identical.
+    The same jitted draw runs with or without shardings, so sharded and unsharded init are
+    bit-identical.
     """
     out = {}
-    bucketable = _bucketable(key, config.dtype)
     for t in targets:
         a_shape, b_shape = t.layout.factor_shapes(t.shape, t.rank)
         _, fan_in, _ = t.layout.split(t.shape)
@@ -193,7 +143,7 @@ def draw(
             config.dtype,
         )
         if shardings is None:
-            fn = _draw_pair_bucketed if bucketable else _draw_pair_jit
+            fn = _draw_pair_jit
         else:
             fn = jax.jit(_draw_pair, static_argnums=_STATIC, out_shardings=shardings[t.path])
         a, b = fn(_path_key(key, t.path), *static)
