@@ -56,6 +56,23 @@ def test_keys_per_path_do_not_depend_on_other_targets():
     assert not np.allclose(a2, a_v)
 
 
+@pytest.mark.parametrize("scheme", ["gaussian", "kaiming_uniform"])
+def test_init_under_jit_gives_the_eager_bits(scheme):
+    # Same key, same adapters however init is called: eager, or inlined into a caller's jit (a
+    # draw that depends on the enclosing program, e.g. a shared flat draw sliced, fails this).
+    params = {
+        "dense": {"kernel": np.ones((48, 40), np.float32)},
+        "emb": {"embedding": np.ones((30, 16), np.float32)},
+    }
+    config = LoraConfig(targets=(r".*kernel", r".*embedding"), rank=4, init=scheme)
+    key = jax.random.key(3)
+    eager = jlora.init(key, params, config)
+    jitted = jax.jit(lambda k: jlora.init(k, params, config))(key)
+    for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert np.std(eager["dense"]["kernel"].a) > 0 and np.std(eager["emb"]["embedding"].b) > 0
+
+
 def test_abstract_params_and_dtype():
     params = jax.eval_shape(lambda: transformer_params())
     adapters = jlora.init(
